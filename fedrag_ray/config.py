@@ -1,0 +1,300 @@
+"""One typed, validated experiment schema: YAML in, clear errors out.
+
+Every section forbids unknown keys, so a typo fails before any model is loaded and the
+error names the full field path (``train.lsr.tau``) and, for enums, the allowed values.
+A config without ``federation:`` is a centralized run; adding that section (and nothing
+else) turns the same experiment into a federated simulation.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_CONFIGS = PACKAGE_DIR / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field path and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where questions and passages come from.
+
+    ``pubmedqa``: the PQA-L JSON (one object keyed by PubMed id); passages are its abstract
+    sections and the gold passage of a question is its own abstract.
+    ``qa_jsonl``: JSONL/JSON/Parquet rows {id, question, answer, gold_ids?} plus a corpus
+    file of rows {id, text, doc_id?, metadata?}.
+    """
+
+    format: Literal["pubmedqa", "qa_jsonl"] = "pubmedqa"
+    path: str = "bundled:pubmedqa_sample.json"
+    corpus: str | None = None
+    eval_path: str | None = None
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    answer: Literal["label", "long"] = "label"
+    max_train: int | None = Field(None, ge=1)
+    max_eval: int | None = Field(None, ge=1)
+    split_seed: int = 0
+
+
+class RetrieverConfig(_Strict):
+    """Bi-encoder. ``query_model`` set means separate encoders; unset means the query
+    encoder starts from ``model`` (shared weights at init) and only it is fine-tuned, the
+    passage side stays frozen so the index never goes stale (as in RA-DIT)."""
+
+    model: str = "default"
+    query_model: str | None = None
+    max_length: int = Field(128, ge=8)
+    batch_size: int = Field(64, ge=1)
+    train: Literal["full", "lora", "none"] = "full"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+
+
+class DefaultGeneratorSpec(_Strict):
+    """Shape of the offline default generator (a Llama-architecture LM built from config)."""
+
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+
+
+class GeneratorConfig(_Strict):
+    model: str = "default"
+    default_spec: DefaultGeneratorSpec = DefaultGeneratorSpec()
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    lora: LoraConfig = LoraConfig()
+    max_length: int = Field(256, ge=16)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class KnowledgeStoreConfig(_Strict):
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    n_shards: int = Field(1, ge=1)
+    nlist: int = Field(64, ge=1)
+    nprobe: int = Field(8, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    device: Literal["cpu", "gpu"] = "cpu"
+    path: str | None = None
+
+
+class RagConfig(_Strict):
+    top_k: int = Field(5, ge=1)
+    prompt_template: str = "context: {passage}\nquestion: {question}\nanswer:"
+    max_new_tokens: int = Field(32, ge=1)
+    label_options: list[str] = ["yes", "no", "maybe"]
+
+    @model_validator(mode="after")
+    def _template_has_fields(self) -> RagConfig:
+        for field in ("{passage}", "{question}"):
+            if field not in self.prompt_template:
+                raise ValueError(f"prompt_template must contain {field}")
+        return self
+
+
+class LsrConfig(_Strict):
+    tau: float = Field(0.1, gt=0.0)
+    beta: float = Field(1.0, gt=0.0)
+    k: int = Field(5, ge=2)
+
+
+class RaltConfig(_Strict):
+    k: int = Field(3, ge=1)
+
+
+class TrainConfig(_Strict):
+    method: Literal["ralt", "lsr", "both"] = "ralt"
+    both_mode: Literal["alternate", "combined"] = "alternate"
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    retriever_lr: float = Field(2e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    lsr: LsrConfig = LsrConfig()
+    ralt: RaltConfig = RaltConfig()
+
+
+class EvalConfig(_Strict):
+    k_values: list[int] = [1, 5]
+    max_questions: int | None = Field(None, ge=1)
+    generate: bool = True
+
+
+class PartitionConfig(_Strict):
+    type: Literal["iid", "dirichlet", "field"] = "iid"
+    alpha: float = Field(0.5, gt=0.0)
+    field: str = "label"
+
+
+class ClientResources(_Strict):
+    num_cpus: float = Field(1.0, gt=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+
+
+class StrategyConfig(_Strict):
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    proximal_mu: float = Field(0.0, ge=0.0)
+    eta: float = Field(1e-2, gt=0.0)
+    eta_l: float = Field(1e-2, gt=0.0)
+    beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta_2: float = Field(0.99, ge=0.0, lt=1.0)
+    tau: float = Field(1e-3, gt=0.0)
+
+
+class FederationConfig(_Strict):
+    num_clients: int = Field(8, ge=1)
+    clients_per_round: int | None = Field(None, ge=1)
+    rounds: int = Field(3, ge=1)
+    local_steps: int | None = Field(None, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    strategy: StrategyConfig = StrategyConfig()
+    partition: PartitionConfig = PartitionConfig()
+    knowledge: Literal["global", "private", "both"] = "global"
+    client_resources: ClientResources = ClientResources()
+    num_actors: int | None = Field(None, ge=1)
+    eval_every: int = Field(1, ge=1)
+    min_successes: int | None = Field(None, ge=1)
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+    shard_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _sample_fits(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds num_clients "
+                f"({self.num_clients})"
+            )
+        return self
+
+    @property
+    def sampled(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    knowledge_store: KnowledgeStoreConfig = KnowledgeStoreConfig()
+    rag: RagConfig = RagConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    federation: FederationConfig | None = None
+    tune: dict[str, Any] | None = None  # validated by fedrag_ray.tune.TuneConfig
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        if self.train.method in ("lsr", "both") and self.retriever.train == "none":
+            raise ValueError("train.method uses LSR but retriever.train is 'none'")
+        if self.train.lsr.k > 1 and self.train.lsr.k > 1000:
+            raise ValueError("train.lsr.k must be at most 1000")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check spelling; see fedrag_ray/config.py for the schema)"
+        elif e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            msg = f"got {e.get('input')!r}; allowed values: {allowed}"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "(dict)") -> ExperimentConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: top level must be a mapping")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or the name of a bundled config (``quickstart`` → configs/quickstart.yaml)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    bundled = BUNDLED_CONFIGS / f"{p.stem}.yaml"
+    if p.parent == Path(".") and bundled.exists():
+        return bundled
+    raise ConfigError(
+        f"config file not found: {path} (bundled configs: "
+        f"{', '.join(sorted(x.stem for x in BUNDLED_CONFIGS.glob('*.yaml')))})"
+    )
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    p = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {p} is not valid YAML: {err}") from None
+    return _resolve_relative_paths(raw, p.parent)
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Data paths in a YAML file are relative to that file, so configs travel with data."""
+    raw = copy.deepcopy(raw)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("path", "corpus", "eval_path"):
+            value = data.get(key)
+            if isinstance(value, str) and not value.startswith("bundled:"):
+                p = Path(value).expanduser()
+                if not p.is_absolute():
+                    data[key] = str((base / p).resolve())
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    raw = load_raw(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, source=str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``train.lr``) in a nested dict; used by sweeps and ``--set``."""
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

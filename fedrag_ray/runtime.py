@@ -1,0 +1,25 @@
+"""Process-level set-up shared by the CLI, Ray workers and tests."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def configure_process(threads: int | None = None) -> None:
+    """Quiet, offline-friendly defaults. ``threads`` caps torch's intra-op pool: one per
+    Ray client slot, so N actors on N cores do not oversubscribe."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
