@@ -22,7 +22,9 @@ from fedrag_ray.rag import RAGSystem
 from fedrag_ray.runtime import seed_everything
 
 
-def prepare_store(system: RAGSystem, data: RagDataset, show_progress: bool = False) -> KnowledgeStore:
+def prepare_store(
+    system: RAGSystem, data: RagDataset, show_progress: bool = False
+) -> KnowledgeStore:
     """Load the configured store if it exists (checking it matches), else build it and,
     when a path is configured, save it for the next run."""
     ks = system.cfg.knowledge_store
@@ -95,7 +97,9 @@ def run_centralized(
     else:
         for epoch in range(cfg.train.epochs):
             phase(f"training {cfg.train.method}, epoch {epoch + 1}/{cfg.train.epochs}")
-            steps_done += local_train(system, data.train, store, key=(0, epoch), on_step=_step).steps
+            steps_done += local_train(
+                system, data.train, store, key=(0, epoch), on_step=_step
+            ).steps
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

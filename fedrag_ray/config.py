@@ -147,8 +147,11 @@ class PartitionConfig(_Strict):
 
 
 class ClientResources(_Strict):
+    """Ray resources per client actor; fractional GPUs pack several actors on one GPU."""
+
     num_cpus: float = Field(1.0, gt=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
+    custom: dict[str, float] = {}
 
 
 class StrategyConfig(_Strict):
@@ -256,6 +259,8 @@ def load_raw(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config {p} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {p}: top level must be a mapping")
     return _resolve_relative_paths(raw, p.parent)
 
 

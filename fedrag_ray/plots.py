@@ -15,8 +15,10 @@ def loss_curve(losses: list[float], path: str | Path, title: str = "training los
     ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.5, label="step")
     if len(losses) >= 5:
         w = max(2, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1])
-                  for i in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"mean of {w}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -38,7 +38,11 @@ class RAGSystem:
         store: KnowledgeStore | None = None,
     ) -> None:
         self.cfg = cfg
-        self.retriever = retriever or BiEncoderRetriever(cfg.retriever, cfg.seed)
+        rcfg = cfg.retriever
+        if cfg.train.method == "ralt" and rcfg.train != "none":
+            # RALT never updates the retriever: one encoder copy instead of two.
+            rcfg = rcfg.model_copy(update={"train": "none"})
+        self.retriever = retriever or BiEncoderRetriever(rcfg, cfg.seed)
         self.generator = generator or Generator(cfg.generator, cfg.seed)
         self.store = store
 

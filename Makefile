@@ -1,0 +1,39 @@
+# Two entry points do all set-up on a fresh machine:
+#   make quickstart   creates .venv, installs, runs the federated demo (embedded Ray, offline)
+#   make test         creates .venv if needed, runs the test suite
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install quickstart test lint clean
+
+# A machine that already has torch (e.g. a CUDA build on a GPU node) keeps it: the venv
+# then sees the system packages. Otherwise torch==2.13.0 goes in first (a CPU wheel here;
+# an unpinned torch would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	@if python3 -c "import torch" 2>/dev/null; then \
+	  python3 -m venv --system-site-packages $(VENV); \
+	else \
+	  python3 -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip check
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/fedrag-ray simulate quickstart --output runs/quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fedrag_ray tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

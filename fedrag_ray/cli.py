@@ -1,0 +1,391 @@
+"""``fedrag-ray``: train, eval, index build, ask, simulate, tune.
+
+Every command validates the whole config before any model loads, shows progress on long
+work, prints a summary table, and with ``--output DIR`` writes ``DIR/results.json`` plus
+plots. Known user errors (config, data, store, resources, checkpoints) print one clear
+message and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedrag_ray.config import ConfigError, ExperimentConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+index_app = typer.Typer(no_args_is_help=True, help="Knowledge-store commands.")
+app.add_typer(index_app, name="index")
+console = Console(stderr=True)
+
+METRIC_KEYS = [
+    "recall@1",
+    "recall@5",
+    "mrr",
+    "accuracy",
+    "closed_book_accuracy",
+    "exact_match",
+    "f1",
+]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedrag_ray.data import DataError
+    from fedrag_ray.federated.checkpoint import CheckpointError
+    from fedrag_ray.federated.resources import ResourceError
+    from fedrag_ray.knowledge_store import KnowledgeStoreError
+
+    return (
+        ConfigError,
+        DataError,
+        KnowledgeStoreError,
+        ResourceError,
+        CheckpointError,
+        FileNotFoundError,
+    )
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load(config: str, sets: list[str] | None) -> ExperimentConfig:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return load_config(config, _parse_sets(sets))
+
+
+def _run(fn: Any) -> None:
+    try:
+        fn()
+    except _user_errors() as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def _summary_table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for k in METRIC_KEYS:
+        if k in before or k in after:
+            b, a = before.get(k), after.get(k)
+            delta = f"{a - b:+.3f}" if isinstance(a, float) and isinstance(b, float) else ""
+            table.add_row(k, _fmt(b), _fmt(a), delta)
+    return table
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+Sets = typer.Option(None, "--set", help="Override a config field: --set train.lr=1e-3")
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="YAML config path or bundled config name"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write results here"),
+    set_: list[str] | None = Sets,
+) -> None:
+    """Centralized fine-tuning (RALT, LSR or both) with before/after evaluation."""
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        from fedrag_ray.centralized import run_centralized
+        from fedrag_ray.data import load_dataset_from_config
+
+        n_train = len(load_dataset_from_config(cfg.data).train)
+        per_epoch = math.ceil(n_train / cfg.train.batch_size)
+        total = cfg.train.max_steps or per_epoch * cfg.train.epochs
+        with _progress() as progress:
+            task = progress.add_task("starting", total=total, info="")
+            res = run_centralized(
+                cfg,
+                output,
+                on_step=lambda s, loss: progress.update(task, completed=s, info=f"loss {loss:.4f}"),
+                on_phase=lambda m: progress.update(task, description=m),
+            )
+        console.print(
+            _summary_table(
+                f"{cfg.name}: {cfg.train.method}, {res['steps']} steps",
+                res["metrics_before"],
+                res["metrics_after"],
+            )
+        )
+        console.print(
+            f"time: {res['timings']['total_s']:.1f}s (train {res['timings']['train_s']:.1f}s)"
+        )
+        if output:
+            console.print(f"results: {output / 'results.json'}")
+
+    _run(go)
+
+
+@app.command("eval")
+def eval_(
+    config: str = typer.Argument(...),
+    state: Path | None = typer.Option(None, help="trainable_state.npz from a train/simulate run"),
+    output: Path | None = typer.Option(None, "--output", "-o"),
+    closed_book: bool = typer.Option(False, help="Answer without retrieved passages"),
+    set_: list[str] | None = Sets,
+) -> None:
+    """Evaluate retrieval (recall@k, MRR) and answers (accuracy, EM, F1) on held-out data."""
+
+    def go() -> None:
+        import numpy as np
+
+        from fedrag_ray.centralized import eval_examples, prepare_store
+        from fedrag_ray.data import load_dataset_from_config
+        from fedrag_ray.evaluate import evaluate
+        from fedrag_ray.rag import RAGSystem
+
+        cfg = _load(config, set_)
+        with console.status("loading data, models and index"):
+            data = load_dataset_from_config(cfg.data)
+            system = RAGSystem(cfg)
+            if state:
+                system.load_trainable_state(dict(np.load(state)))
+            store = prepare_store(system, data)
+        with console.status("evaluating"):
+            metrics = evaluate(system, eval_examples(cfg, data), store, closed_book=closed_book)
+        table = Table(title=f"{cfg.name}: evaluation ({int(metrics['n'])} questions)")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in metrics.items():
+            table.add_row(k, _fmt(v))
+        console.print(table)
+        if output:
+            from fedrag_ray.atomic import atomic_write_json
+
+            output.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                output / "results.json", {"metrics": metrics, "config": cfg.model_dump(mode="json")}
+            )
+
+    _run(go)
+
+
+@index_app.command("build")
+def index_build(
+    config: str = typer.Argument(...),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Store directory (default: knowledge_store.path)"
+    ),
+    set_: list[str] | None = Sets,
+) -> None:
+    """Embed the corpus and save a FAISS knowledge store (atomic, versioned directory)."""
+
+    def go() -> None:
+        import time
+
+        from fedrag_ray.data import load_dataset_from_config
+        from fedrag_ray.retriever import BiEncoderRetriever
+
+        cfg = _load(config, set_)
+        target = output or (Path(cfg.knowledge_store.path) if cfg.knowledge_store.path else None)
+        if target is None:
+            raise ConfigError("knowledge_store.path: set it in the config or pass --output")
+        from fedrag_ray.knowledge_store import KnowledgeStore
+
+        data = load_dataset_from_config(cfg.data)
+        retriever = BiEncoderRetriever(cfg.retriever.model_copy(update={"train": "none"}))
+        ks = cfg.knowledge_store
+        store = KnowledgeStore(
+            retriever.dim, ks.index, ks.n_shards, ks.nlist, ks.nprobe, ks.hnsw_m, ks.device
+        )
+        t = time.perf_counter()
+        batch = 256
+        with _progress() as progress:
+            task = progress.add_task("embedding passages", total=len(data.passages), info="")
+            for i in range(0, len(data.passages), batch):
+                chunk = data.passages[i : i + batch]
+                store.add(chunk, retriever.encode_passages([p.text for p in chunk]))
+                progress.update(task, advance=len(chunk))
+        store.save(target)
+        table = Table(title="knowledge store")
+        table.add_column("field")
+        table.add_column("value")
+        for k, v in [
+            ("path", target),
+            ("passages", len(store)),
+            ("dim", store.dim),
+            ("index", ks.index),
+            ("shards", ks.n_shards),
+            ("seconds", f"{time.perf_counter() - t:.1f}"),
+        ]:
+            table.add_row(k, str(v))
+        console.print(table)
+
+    _run(go)
+
+
+@app.command()
+def ask(
+    config: str = typer.Argument(...),
+    question: str = typer.Argument(...),
+    state: Path | None = typer.Option(None, help="trainable_state.npz to load"),
+    set_: list[str] | None = Sets,
+) -> None:
+    """Answer one question with the RAG pipeline and show the passages it used."""
+
+    def go() -> None:
+        import numpy as np
+
+        from fedrag_ray.centralized import prepare_store
+        from fedrag_ray.data import load_dataset_from_config
+        from fedrag_ray.rag import RAGSystem
+
+        cfg = _load(config, set_)
+        data = load_dataset_from_config(cfg.data)
+        system = RAGSystem(cfg)
+        if state:
+            system.load_trainable_state(dict(np.load(state)))
+        prepare_store(system, data)
+        ans = system.answer(question)
+        print(
+            json.dumps(
+                {
+                    "answer": ans.answer,
+                    "sources": [
+                        {"id": p.id, "doc_id": p.doc_id, "score": s, "text": p.text[:200]}
+                        for p, s in zip(ans.passages, ans.scores, strict=True)
+                    ],
+                },
+                indent=2,
+            )
+        )
+
+    _run(go)
+
+
+def _round_line(row: dict[str, Any]) -> str:
+    if row["round"] == 0:
+        parts = ["round 0 (before training): "]
+    else:
+        parts = [
+            f"round {row['round']}: {row['succeeded']}/{row['sampled']} clients ok",
+            f"loss {_fmt(row.get('train_loss'))}",
+            f"{(row['bytes_sent'] + row['bytes_received']) / 1024:.0f} KiB",
+            f"{row['seconds']:.1f}s",
+        ]
+    parts += [f"{k} {_fmt(row[k])}" for k in ("recall@5", "accuracy", "f1") if k in row]
+    return " | ".join(parts)
+
+
+@app.command()
+def simulate(
+    config: str = typer.Argument(...),
+    output: Path | None = typer.Option(None, "--output", "-o"),
+    address: str | None = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT"),
+    resume: Path | None = typer.Option(None, help="Resume the run in this directory"),
+    num_cpus: int | None = typer.Option(None, help="CPUs for an embedded local Ray"),
+    set_: list[str] | None = Sets,
+) -> None:
+    """Federated fine-tuning simulated with Flower on Ray (needs a federation: section)."""
+
+    def go() -> None:
+        from fedrag_ray.federated import run_federated
+
+        cfg = _load(config, set_)
+        if cfg.federation is None:
+            raise ConfigError("federation: this command needs a federation: section")
+        out = resume or output
+        with _progress() as progress:
+            task = progress.add_task("starting", total=cfg.federation.rounds, info="")
+
+            def on_round(row: dict[str, Any]) -> None:
+                progress.console.print(_round_line(row))
+                progress.update(task, completed=row["round"], description="federated rounds")
+
+            res = run_federated(
+                cfg,
+                out,
+                address=address,
+                resume=resume is not None,
+                on_round=on_round,
+                on_phase=lambda m: progress.update(task, description=m),
+                num_cpus=num_cpus,
+            )
+        fed = cfg.federation
+        title = (
+            f"{cfg.name}: {cfg.train.method}, {fed.num_clients} clients, {fed.rounds} rounds, "
+            f"{fed.strategy.name}"
+        )
+        console.print(_summary_table(title, res["metrics_before"], res["metrics_after"]))
+        console.print(
+            f"bytes/round {res['bytes_per_round'] / 1024:.1f} KiB "
+            f"(full model {res['full_model_bytes'] / 2**20:.1f} MiB), failures {res['failures']}, "
+            f"peak memory {res['peak_rss_bytes'] / 2**30:.2f} GiB, "
+            f"total {res['timings']['total_s']:.1f}s"
+        )
+        console.print(f"results: {Path(res['output']) / 'results.json'}")
+
+    _run(go)
+
+
+@app.command()
+def tune(
+    config: str = typer.Argument(...),
+    output: Path | None = typer.Option(None, "--output", "-o"),
+    address: str | None = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT"),
+    resume: bool = typer.Option(False, help="Continue an interrupted sweep in --output"),
+    num_cpus: int | None = typer.Option(None, help="CPUs for an embedded local Ray"),
+    set_: list[str] | None = Sets,
+) -> None:
+    """Ray Tune sweep: each trial is a whole federated (or centralized) run."""
+
+    def go() -> None:
+        from fedrag_ray.tune import run_sweep
+
+        raw_overrides = _parse_sets(set_)
+        run_sweep(
+            config,
+            output,
+            address=address,
+            resume=resume,
+            num_cpus=num_cpus,
+            overrides=raw_overrides,
+            console=console,
+        )
+
+    _run(go)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The Flower ClientApp, and the per-process cache that makes virtual clients cheap.
+
+A Ray actor process serves many virtual clients. It loads the frozen base generator,
+the retriever encoders, the tokenizer and the global knowledge store **once** (in
+``ClientRuntime``) and reuses them for every client it serves; a virtual client is only
+its partition of the questions, its private knowledge shard (loaded lazily, LRU-cached)
+and the adapter state it receives in each message. Replies carry only parameter arrays
+and scalar metrics.
+
+Chaos testing: ``FEDRAG_RAY_FAULTS="raise:3,kill:5@2"`` makes partition 3 raise in every
+round and the actor serving partition 5 exit hard in round 2 (used by the tests, and
+handy to check a deployment's failure tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrag_ray.config import ExperimentConfig, config_from_dict
+from fedrag_ray.data import QAExample, load_dataset_from_config, partition_examples
+from fedrag_ray.federated.params import from_record, record_nbytes, to_record
+from fedrag_ray.knowledge_store import KnowledgeStore
+from fedrag_ray.methods import local_train
+from fedrag_ray.rag import RAGSystem
+from fedrag_ray.runtime import configure_process
+
+SHARD_CACHE_SIZE = 32
+
+
+def client_partitions(cfg: ExperimentConfig, train: list[QAExample]) -> list[list[int]]:
+    fed = cfg.federation
+    assert fed is not None
+    p = fed.partition
+    return partition_examples(train, fed.num_clients, p.type, p.alpha, p.field, cfg.seed)
+
+
+def store_dir(stores_root: str | Path, partition: int | None) -> Path:
+    root = Path(stores_root)
+    return root / "global" if partition is None else root / "clients" / f"client_{partition:05d}"
+
+
+@dataclass
+class ClientRuntime:
+    """Everything an actor process shares across the virtual clients it serves."""
+
+    cfg: ExperimentConfig
+    stores_root: Path
+    system: RAGSystem
+    train: list[QAExample]
+    partitions: list[list[int]]
+    shards: OrderedDict[int, KnowledgeStore] = field(default_factory=OrderedDict)
+    global_store: KnowledgeStore | None = None
+    clients_served: set[int] = field(default_factory=set)
+
+    def examples(self, partition: int) -> list[QAExample]:
+        return [self.train[i] for i in self.partitions[partition]]
+
+    def store_for(self, partition: int) -> KnowledgeStore:
+        fed = self.cfg.federation
+        assert fed is not None
+        dim = self.system.retriever.dim
+        if fed.knowledge == "global":
+            if self.global_store is None:
+                self.global_store = KnowledgeStore.load(store_dir(self.stores_root, None), dim)
+            return self.global_store
+        if partition in self.shards:
+            self.shards.move_to_end(partition)
+            return self.shards[partition]
+        store = KnowledgeStore.load(store_dir(self.stores_root, partition), dim)
+        self.shards[partition] = store
+        if len(self.shards) > SHARD_CACHE_SIZE:
+            self.shards.popitem(last=False)
+        return store
+
+
+_RUNTIMES: dict[str, ClientRuntime] = {}
+
+
+def get_runtime(cfg_json: str, stores_root: str) -> ClientRuntime:
+    key = cfg_json + stores_root
+    runtime = _RUNTIMES.get(key)
+    if runtime is None:
+        cfg = config_from_dict(json.loads(cfg_json))
+        assert cfg.federation is not None
+        configure_process(threads=max(1, int(cfg.federation.client_resources.num_cpus)))
+        data = load_dataset_from_config(cfg.data)
+        runtime = ClientRuntime(
+            cfg=cfg,
+            stores_root=Path(stores_root),
+            system=RAGSystem(cfg),
+            train=data.train,
+            partitions=client_partitions(cfg, data.train),
+        )
+        _RUNTIMES.clear()  # one experiment per process at a time
+        _RUNTIMES[key] = runtime
+    return runtime
+
+
+def node_tag() -> int:
+    """The Ray node this actor runs on, as an int (metrics carry numbers, not strings)."""
+    try:
+        import ray
+
+        return int(ray.get_runtime_context().get_node_id()[:8], 16)
+    except Exception:
+        return -1
+
+
+def _parse_faults() -> tuple[set[int], dict[int, int]]:
+    raise_on, kill_on = set(), {}
+    for item in filter(None, os.environ.get("FEDRAG_RAY_FAULTS", "").split(",")):
+        kind, _, target = item.partition(":")
+        part, _, rnd = target.partition("@")
+        if kind == "raise":
+            raise_on.add(int(part))
+        elif kind == "kill":
+            kill_on[int(part)] = int(rnd or 1)
+    return raise_on, kill_on
+
+
+def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
+    """A ClientApp whose closures hold only two strings (cheap to ship to actors)."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        content = RecordDict({"metrics": MetricRecord({"partition-id": pid})})
+        return Message(content, reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        config: ConfigRecord = msg.content["config"]
+        server_round = int(config["server-round"])
+        raise_on, kill_on = _parse_faults()
+        if pid in raise_on:
+            raise RuntimeError(f"injected fault in partition {pid}")
+        if kill_on.get(pid) == server_round:
+            os._exit(1)  # simulate a crashed actor process
+
+        rt = get_runtime(cfg_json, stores_root)
+        fed = rt.cfg.federation
+        assert fed is not None
+        received = msg.content["arrays"]
+        rt.system.load_trainable_state(from_record(received))
+        result = local_train(
+            rt.system,
+            rt.examples(pid),
+            rt.store_for(pid),
+            key=(pid, server_round - 1),
+            epochs=fed.local_epochs,
+            steps=fed.local_steps,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+        rt.clients_served.add(pid)
+        arrays = to_record(rt.system.trainable_state())
+        metrics = MetricRecord(
+            {
+                "num-examples": result.num_examples,
+                "partition-id": pid,
+                "train-loss": result.mean_loss,
+                "train-seconds": result.seconds,
+                "steps": result.steps,
+                "bytes-received": record_nbytes(received),
+                "bytes-sent": record_nbytes(arrays),
+                "actor-pid": os.getpid(),
+                "actor-clients-served": len(rt.clients_served),
+                "actor-node": node_tag(),
+            }
+        )
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    return app

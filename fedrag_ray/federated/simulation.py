@@ -1,0 +1,247 @@
+"""Run a federated RAG fine-tuning simulation on Flower's Ray backend.
+
+Preparation happens once on the driver: data, the global index (embedded once and saved),
+per-client private shards (sliced from the same embeddings, saved, loaded lazily by
+whichever actor serves the client). Ray is started here (embedded, local) or joined
+(``address="auto"`` / ``HOST:PORT``); Flower's backend is asked for exactly the actor
+pool that fits (see ``ray_backend``) and leaves Ray running for its owner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json
+from fedrag_ray.centralized import eval_examples, npz_bytes, prepare_store
+from fedrag_ray.config import ExperimentConfig
+from fedrag_ray.data import RagDataset, load_dataset_from_config
+from fedrag_ray.federated.client_app import client_partitions, make_client_app, store_dir
+from fedrag_ray.federated.ray_backend import fedrag_backend
+from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
+from fedrag_ray.federated.server_app import FederatedServer, make_server_app, process_tree_rss
+from fedrag_ray.knowledge_store import KnowledgeStore
+from fedrag_ray.rag import RAGSystem
+from fedrag_ray.runtime import configure_process, seed_everything
+
+
+def build_client_shards(
+    cfg: ExperimentConfig, data: RagDataset, store: KnowledgeStore, root: Path
+) -> int:
+    """Private knowledge per client: the passages of the documents its own questions come
+    from (``private``), plus the public passages no client owns (``both``). Vectors are
+    sliced from the global store, never re-embedded. Skips shards already on disk."""
+    fed = cfg.federation
+    assert fed is not None
+    parts = client_partitions(cfg, data.train)
+    by_doc: dict[str, list[int]] = {}
+    for i, p in enumerate(store.passages):
+        by_doc.setdefault(p.doc_id, []).append(i)
+    owned = {d for e in data.train for d in e.gold_doc_ids}
+    public = [i for d, idx in by_doc.items() if d not in owned for i in idx]
+    ks = cfg.knowledge_store
+    built = 0
+    for c, part in enumerate(parts):
+        path = store_dir(root, c)
+        if (path / "manifest.json").exists():
+            continue
+        docs = {d for i in part for d in data.train[i].gold_doc_ids}
+        idx = [i for d in sorted(docs) for i in by_doc.get(d, [])]
+        if fed.knowledge == "both":
+            idx = public + idx
+        if not idx:
+            raise ValueError(f"client {c} owns no passages; use federation.knowledge: global")
+        shard = KnowledgeStore(store.dim, ks.index, 1, ks.nlist, ks.nprobe, ks.hnsw_m)
+        shard.add([store.passages[i] for i in idx], store.embeddings[idx])
+        shard.save(path)
+        built += 1
+    return built
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Start or join Ray; returns True when this call started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+    ray.init(**kwargs)
+    return True
+
+
+def _client_nodes(history: list[dict[str, Any]]) -> dict[str, int]:
+    """Ray node id → number of client trainings that ran on it (from the clients' tags)."""
+    import ray
+
+    names = {int(n["NodeID"][:8], 16): n["NodeID"] for n in ray.nodes()}
+    counts: dict[str, int] = {}
+    for h in history:
+        for c in h.get("clients", []):
+            node = names.get(int(c.get("actor-node", -1)), "unknown")
+            counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def run_federated(
+    cfg: ExperimentConfig,
+    output: str | Path | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
+    fed = cfg.federation
+    if fed is None:
+        raise ValueError("config has no federation: section; use `fedrag-ray train`")
+    phase = on_phase or (lambda _m: None)
+    configure_process()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    t_start = time.perf_counter()
+    run_dir = Path(output) if output else Path(tempfile.mkdtemp(prefix="fedrag-ray-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and not (run_dir / "checkpoint" / "meta.json").exists():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no complete checkpoint")
+    cfg_json = cfg.model_dump_json()
+    seed_everything(cfg.seed)
+
+    phase("loading data and models")
+    data = load_dataset_from_config(cfg.data)
+    system = RAGSystem(cfg)
+    stores_root = Path(fed.shard_dir) if fed.shard_dir else run_dir / "stores"
+    global_path = store_dir(stores_root, None)
+    phase(f"indexing {len(data.passages)} passages")
+    if (global_path / "manifest.json").exists():
+        store = KnowledgeStore.load(global_path, expected_dim=system.retriever.dim)
+        system.store = store
+    else:
+        store = prepare_store(system, data)
+        store.save(global_path)
+    shards_built = 0
+    if fed.knowledge != "global":
+        phase(f"building private shards for {fed.num_clients} clients")
+        shards_built = build_client_shards(cfg, data, store, stores_root)
+    setup_seconds = time.perf_counter() - t_start
+
+    started_ray = _init_ray(address, num_cpus)
+    try:
+        slots = cluster_client_slots(fed.client_resources)
+        num_actors = fed.num_actors or min(slots, fed.sampled)
+        results: dict[str, Any] = {}
+        server = FederatedServer(
+            cfg,
+            cfg_json,
+            system,
+            store,
+            eval_examples(cfg, data),
+            str(run_dir),
+            results,
+            resume=resume,
+            on_round=on_round,
+        )
+        backend_config = {
+            "client_resources": ray_client_resources(fed.client_resources),
+            "fedrag": {"num_actors": num_actors, "shutdown_ray": False},
+        }
+        phase(f"simulating {fed.num_clients} clients on {num_actors} Ray actors")
+        from flwr.simulation import run_simulation
+
+        t_sim = time.perf_counter()
+        with fedrag_backend():
+            run_simulation(
+                server_app=make_server_app(server),
+                client_app=make_client_app(cfg_json, str(stores_root)),
+                num_supernodes=fed.num_clients,
+                backend_config=backend_config,
+            )
+        if "error" in results:
+            raise RuntimeError(f"federated run failed: {results['error']}") from results["error"]
+        if "history" not in results:
+            raise RuntimeError("federated run ended without results (see the log above)")
+        actor_nodes = _client_nodes(results["history"])
+        sim_seconds = time.perf_counter() - t_sim
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    history = results["history"]
+    rounds = [h for h in history if h["round"] > 0]
+    first, last = history[0], history[-1]
+    summary = {
+        "mode": "federated",
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "method": cfg.train.method,
+        "num_clients": fed.num_clients,
+        "clients_per_round": fed.sampled,
+        "num_actors": num_actors,
+        "cluster_client_slots": slots,
+        "strategy": fed.strategy.name,
+        "knowledge": fed.knowledge,
+        "partition": fed.partition.model_dump(),
+        "rounds": fed.rounds,
+        "resumed_from_round": results.get("resumed_from_round", 0),
+        "history": history,
+        "metrics_before": {k: v for k, v in first.items() if isinstance(v, float)},
+        "metrics_after": {k: v for k, v in last.items() if isinstance(v, float) and k in first},
+        "bytes_per_round": float(np.mean([h["bytes_sent"] + h["bytes_received"] for h in rounds]))
+        if rounds
+        else 0.0,
+        "full_model_bytes": system.full_model_bytes(),
+        "trainable_bytes": int(sum(v.nbytes for v in results["final_arrays"].values())),
+        "failures": int(sum(h["failed"] for h in rounds)),
+        "actor_nodes": actor_nodes,
+        "timings": {
+            "setup_s": setup_seconds,
+            "simulation_s": sim_seconds,
+            "discovery_s": results.get("discovery_seconds", 0.0),
+            "total_s": time.perf_counter() - t_start,
+            "shards_built": shards_built,
+        },
+        "peak_rss_bytes": max([h.get("peak_rss_bytes", 0) for h in rounds] + [process_tree_rss()]),
+        "config": json.loads(cfg_json),
+    }
+    atomic_write_json(run_dir / "results.json", summary)
+    atomic_write_bytes(run_dir / "trainable_state.npz", npz_bytes(results["final_arrays"]))
+    _plots(summary, run_dir)
+    summary["final_arrays"] = results["final_arrays"]
+    summary["output"] = str(run_dir)
+    return summary
+
+
+def _plots(summary: dict[str, Any], run_dir: Path) -> None:
+    from fedrag_ray.plots import metrics_vs_round
+
+    hist = summary["history"]
+    keys = [k for k in ("recall@5", "mrr", "accuracy", "f1") if k in hist[0]]
+    metrics_vs_round(hist, keys, run_dir / "metrics_vs_round.png", "server-side evaluation")
+    rounds = [h for h in hist if h["round"] > 0]
+    for h in rounds:
+        h["peak_rss_gib"] = h.get("peak_rss_bytes", 0) / 2**30
+        h["mib_per_round"] = (h["bytes_sent"] + h["bytes_received"]) / 2**20
+    metrics_vs_round(
+        rounds,
+        ["train_loss", "seconds", "mib_per_round", "peak_rss_gib"],
+        run_dir / "rounds.png",
+        "per-round figures",
+    )
+    for h in rounds:
+        h.pop("peak_rss_gib", None)
+        h.pop("mib_per_round", None)

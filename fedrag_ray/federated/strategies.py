@@ -1,0 +1,87 @@
+"""Flower strategies from config, and their state for checkpoints.
+
+The strategies are Flower's own (``flwr.serverapp.strategy``): fedrag_ray only chooses
+one and its parameters, and restricts each round to the clients it sampled itself (so a
+resumed run samples exactly the same clients) through :class:`SampledGrid`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi, Strategy
+
+from fedrag_ray.config import StrategyConfig
+
+# Attributes of Flower's strategies that change while training (FedOpt's moments and the
+# arrays of the current round); everything else is set from config at construction.
+_STATE_ATTRS = ("current_arrays", "m_t", "v_t")
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy:
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,  # sampling is done by fedrag_ray, see SampledGrid
+        "fraction_evaluate": 0.0,  # evaluation is server-side on held-out questions
+        "min_train_nodes": 1,
+        "min_available_nodes": 1,
+    }
+    if cfg.name == "fedavg":
+        return FedAvg(**common)
+    if cfg.name == "fedprox":
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    opt = {"eta": cfg.eta, "eta_l": cfg.eta_l, "beta_1": cfg.beta_1, "tau": cfg.tau}
+    if cfg.name == "fedadagrad":
+        return FedAdagrad(**common, eta=cfg.eta, eta_l=cfg.eta_l, tau=cfg.tau)
+    if cfg.name == "fedadam":
+        return FedAdam(**common, **opt, beta_2=cfg.beta_2)
+    if cfg.name == "fedyogi":
+        return FedYogi(**common, **opt, beta_2=cfg.beta_2)
+    raise ValueError(f"unknown strategy {cfg.name!r}")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    return {k: getattr(strategy, k) for k in _STATE_ATTRS if hasattr(strategy, k)}
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    for k, v in state.items():
+        if k not in _STATE_ATTRS:
+            raise ValueError(f"unexpected strategy state {k!r}")
+        setattr(strategy, k, None if v is None else {n: np.asarray(a) for n, a in v.items()})
+
+
+class SampledGrid(Grid):
+    """A view of a Grid that exposes only the nodes sampled for this round."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    # Grid's abstract interface, delegated.
+    @property
+    def run(self) -> Any:  # pragma: no cover - delegation
+        return self._grid.run
+
+    def set_run(self, run_id: int) -> None:  # pragma: no cover
+        self._grid.set_run(run_id)
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Any) -> Any:  # pragma: no cover
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Any) -> Any:  # pragma: no cover
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        return self._grid.send_and_receive(messages, timeout=timeout)
