@@ -7,7 +7,7 @@ import logging
 # missing and then uses its built-in one; the warning is noise on every CPU machine.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from fedrag_ray.centralized import run_centralized  # noqa: E402
+from fedrag_ray.centralized import run_centralized
 from fedrag_ray.config import ConfigError, ExperimentConfig, config_from_dict, load_config
 from fedrag_ray.data import (
     DataError,
