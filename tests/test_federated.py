@@ -1,0 +1,303 @@
+"""Federated engine, for real: Flower's Ray backend, real Ray actors, real models (tiny)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from fedrag_ray.config import apply_overrides, config_from_dict
+
+FEDRAG = [sys.executable, "-m", "fedrag_ray.cli"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_data(tmp_path_factory):
+    """40 PubMedQA items (~135 passages): small enough to embed in seconds per run."""
+    from fedrag_ray.data import resolve_data_path
+
+    raw = json.loads(resolve_data_path("bundled:pubmedqa_sample.json").read_text())
+    path = tmp_path_factory.mktemp("data") / "pubmedqa_40.json"
+    path.write_text(json.dumps(dict(list(raw.items())[:40])))
+    TINY_DATA["path"] = str(path)
+    return path
+
+
+TINY_DATA: dict[str, str] = {}
+
+
+def tiny(federation: dict | None = None, **overrides) -> dict:
+    raw = {
+        "name": "tiny",
+        "data": {"path": TINY_DATA["path"], "max_train": 16, "max_eval": 4},
+        "eval": {"generate": False},
+        "generator": {"max_length": 96},
+        "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
+    }
+    if federation is not None:
+        raw["federation"] = {"num_clients": 2, "rounds": 2, "local_steps": 1, **federation}
+    return apply_overrides(raw, overrides)
+
+
+def write_yaml(path: Path, raw: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*FEDRAG, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
+
+
+@pytest.mark.timeout(900)
+def test_simulate_cli_default_config_8_clients_3_rounds(tmp_path, tiny_data):
+    """The bundled quick-start RAG config, federated over 8 clients for 3 rounds."""
+    out = tmp_path / "run"
+    sets = {
+        "federation.num_clients": 8,
+        "federation.clients_per_round": 8,
+        "federation.rounds": 3,
+        "federation.local_steps": 1,
+        "data.path": str(tiny_data),
+        "data.max_train": 24,
+        "data.max_eval": 6,
+        "eval.generate": "false",
+        "generator.max_length": 128,
+    }
+    args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    proc = cli("simulate", "quickstart", "--output", str(out), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    rounds = [h for h in res["history"] if h["round"] > 0]
+    assert [h["round"] for h in rounds] == [1, 2, 3]
+    assert all(h["succeeded"] == 8 and h["failed"] == 0 for h in rounds)
+    assert {c["partition-id"] for h in rounds for c in h["clients"]} == set(range(8))
+    # only adapters travel: generator LoRA + query-encoder LoRA, a tiny share of the model
+    per_client = rounds[0]["bytes_received"] / 8
+    assert 0 < per_client < 0.02 * res["full_model_bytes"]
+    assert rounds[0]["bytes_sent"] == rounds[0]["bytes_received"]
+    for key in ("recall@5", "mrr", "accuracy"):
+        assert key in res["metrics_before"] and key in res["metrics_after"]
+    assert all(h["peak_rss_bytes"] > 0 and h["seconds"] > 0 for h in rounds)
+    assert (out / "metrics_vs_round.png").stat().st_size > 1000
+    assert (out / "rounds.png").stat().st_size > 1000
+    assert (out / "checkpoint" / "meta.json").exists()
+    # a virtual client is cheap: fewer actor processes than clients served
+    pids = {c["actor-pid"] for h in rounds for c in h["clients"]}
+    assert len(pids) <= res["num_actors"] < 8
+    assert "round 3" in proc.stderr
+
+
+@pytest.mark.timeout(900)
+def test_one_client_one_round_equals_one_centralized_epoch(tmp_path):
+    """Adding only `federation:` turns the experiment federated; with 1 client and 1 round
+    the global update equals one centralized epoch (same local step functions)."""
+    from fedrag_ray.centralized import run_centralized
+    from fedrag_ray.federated import run_federated
+
+    base = tiny(**{"train.method": "both", "retriever.train": "lora", "data.max_train": 8})
+    central = run_centralized(config_from_dict(base))
+    fed_raw = dict(base, federation={"num_clients": 1, "rounds": 1, "local_epochs": 1})
+    federated = run_federated(config_from_dict(fed_raw), tmp_path / "fed")
+
+    c_state = central["system"].trainable_state()
+    f_state = federated["final_arrays"]
+    assert set(c_state) == set(f_state)
+    assert any(k.startswith("retriever.") for k in c_state)
+    assert any(k.startswith("generator.") for k in c_state)
+    init = config_from_dict(base)
+    from fedrag_ray.rag import RAGSystem
+
+    start = RAGSystem(init).trainable_state()
+    moved = sum(float(np.abs(c_state[k] - start[k]).sum()) for k in c_state)
+    assert moved > 0, "training did not change anything: the comparison would be vacuous"
+    for k in c_state:
+        np.testing.assert_allclose(f_state[k], c_state[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert central["steps"] == federated["history"][1]["clients"][0]["steps"]
+
+
+@pytest.mark.timeout(600)
+def test_client_reply_carries_only_parameter_arrays_and_scalars(tmp_path):
+    """Privacy by construction: no text, questions or document embeddings leave a client."""
+    from flwr.app import (
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Message,
+        MessageType,
+        MetricRecord,
+        RecordDict,
+    )
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrag_ray.data import load_dataset_from_config
+    from fedrag_ray.federated.client_app import client_partitions, make_client_app
+    from fedrag_ray.federated.params import to_record
+    from fedrag_ray.federated.simulation import build_client_shards
+    from fedrag_ray.rag import RAGSystem
+
+    raw = tiny(
+        {"num_clients": 2, "knowledge": "private"},
+        **{"train.method": "both", "retriever.train": "lora"},
+    )
+    cfg = config_from_dict(raw)
+    data = load_dataset_from_config(cfg.data)
+    system = RAGSystem(cfg)
+    store = system.build_store(data.passages)
+    store.save(tmp_path / "global")
+    assert build_client_shards(cfg, data, store, tmp_path) == 2
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    app = make_client_app(cfg.model_dump_json(), str(tmp_path))
+    msg = Message(
+        RecordDict(
+            {
+                "arrays": to_record(system.trainable_state()),
+                "config": ConfigRecord({"server-round": 1}),
+            }
+        ),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+    ctx = Context(1, 7, {"partition-id": 1, "num-partitions": 2}, RecordDict(), {})
+    reply = app(msg, ctx)
+
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+    assert isinstance(arrays, ArrayRecord) and isinstance(metrics, MetricRecord)
+    assert set(arrays.keys()) == set(system.trainable_parameters())
+    assert all("lora_" in k for k in arrays.keys())  # adapters only, no embeddings
+    ranks = {cfg.generator.lora.r, cfg.retriever.lora_r}
+    for a in arrays.values():
+        # LoRA factors are r x d or d x r: no row per document or per question
+        assert a.dtype == "float32" and len(a.shape) == 2 and min(a.shape) in ranks
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    # nothing the client holds as text appears anywhere in the serialised reply
+    wire = b"".join(a.data for a in arrays.values()) + repr(dict(metrics)).encode()
+    mine = [data.train[i] for i in client_partitions(cfg, data.train)[1]]
+    for ex in mine:
+        assert ex.question.encode() not in wire
+
+
+def _fault_config(tmp_path: Path) -> dict:
+    return tiny({"num_clients": 4, "rounds": 3, "min_successes": 1})
+
+
+@pytest.mark.timeout(900)
+def test_raising_and_dying_clients_do_not_stop_the_run(tmp_path, monkeypatch):
+    from fedrag_ray.federated import run_federated
+
+    monkeypatch.setenv("FEDRAG_RAY_FAULTS", "raise:1,kill:2@2")
+    res = run_federated(config_from_dict(_fault_config(tmp_path)), tmp_path / "run")
+    rounds = {h["round"]: h for h in res["history"] if h["round"] > 0}
+    assert rounds[1]["succeeded"] == 3 and rounds[1]["failed"] == 1
+    assert rounds[2]["succeeded"] == 2 and rounds[2]["failed"] == 2  # raise + killed actor
+    # the dead actor was replaced: round 3 serves all three healthy clients again
+    assert rounds[3]["succeeded"] == 3 and rounds[3]["failed"] == 1
+    assert {c["partition-id"] for c in rounds[3]["clients"]} == {0, 2, 3}
+    assert all(r["aggregated"] for r in rounds.values())
+
+
+def _kill_tree(pid: int) -> None:
+    parent = psutil.Process(pid)
+    procs = [*parent.children(recursive=True), parent]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.timeout(1200)
+def test_killed_driver_resumes_to_the_same_final_metrics(tmp_path):
+    raw = tiny({"num_clients": 3, "clients_per_round": 2, "rounds": 3}, seed=3)
+    raw["federation"]["strategy"] = {"name": "fedadam", "eta": 0.01}  # stateful strategy
+    cfg_path = write_yaml(tmp_path / "exp.yaml", raw)
+
+    straight = tmp_path / "straight"
+    proc = cli("simulate", str(cfg_path), "--output", str(straight))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    p = subprocess.Popen(
+        [*FEDRAG, "simulate", str(cfg_path), "--output", str(crashed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
+    meta = crashed / "checkpoint" / "meta.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if meta.exists() and json.loads(meta.read_text())["round"] >= 1:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "run finished before it could be killed"
+    _kill_tree(p.pid)
+    killed_at = json.loads(meta.read_text())["round"]
+    assert killed_at < 3
+    assert not (crashed / "results.json").exists()
+
+    proc = cli("simulate", str(cfg_path), "--resume", str(crashed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((crashed / "results.json").read_text())
+    assert b["resumed_from_round"] == killed_at
+    assert [h["round"] for h in b["history"]] == [0, 1, 2, 3]
+    assert a["metrics_after"] == pytest.approx(b["metrics_after"], abs=1e-9, nan_ok=True)
+    sa, sb = np.load(straight / "trainable_state.npz"), np.load(crashed / "trainable_state.npz")
+    for k in sa.files:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-6, atol=1e-8, err_msg=k)
+    # history of the rounds both runs trained is identical too
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert ha.get("train_loss") == pytest.approx(hb.get("train_loss"), rel=1e-6)
+
+
+def test_resume_refuses_a_different_experiment(tmp_path):
+    from fedrag_ray.federated.checkpoint import (
+        CheckpointError,
+        RoundCheckpoint,
+        config_fingerprint,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    cfg = config_from_dict(tiny({"num_clients": 2}))
+    fp = config_fingerprint(cfg.model_dump_json())
+    save_checkpoint(tmp_path, RoundCheckpoint(1, {"w": np.ones(2)}, {}, [], fp))
+    assert load_checkpoint(tmp_path, fp).round == 1
+    more_rounds = config_from_dict(tiny({"num_clients": 2, "rounds": 9}))
+    assert config_fingerprint(more_rounds.model_dump_json()) == fp
+    other = config_from_dict(tiny({"num_clients": 2}, **{"train.lr": 0.5}))
+    with pytest.raises(CheckpointError, match="different experiment"):
+        load_checkpoint(tmp_path, config_fingerprint(other.model_dump_json()))
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_flower_backend_hooks_still_exist():
+    """fedrag_ray patches private Flower APIs: fail loudly if an upgrade moves them."""
+    import flwr
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+    from flwr.simulation.ray_transport import ray_actor
+
+    from fedrag_ray.federated.ray_backend import FLWR_VERSION, FedRagRayBackend, fedrag_backend
+
+    assert flwr.__version__ == FLWR_VERSION
+    assert hasattr(ray_actor, "BasicActorPool") and hasattr(ray_actor, "ClientAppActor")
+    assert "RayBackend(backend_config)" in Path(vce_api.__file__).read_text()
+    with fedrag_backend():
+        assert raybackend.RayBackend is FedRagRayBackend
+    assert raybackend.RayBackend is not FedRagRayBackend
