@@ -46,6 +46,13 @@ def store_dir(stores_root: str | Path, partition: int | None) -> Path:
     return root / "global" if partition is None else root / "clients" / f"client_{partition:05d}"
 
 
+def global_store_path(cfg: ExperimentConfig, stores_root: str | Path) -> Path:
+    """``knowledge_store.path`` when configured (shared across runs), else the run's own."""
+    if cfg.knowledge_store.path:
+        return Path(cfg.knowledge_store.path)
+    return store_dir(stores_root, None)
+
+
 @dataclass
 class ClientRuntime:
     """Everything an actor process shares across the virtual clients it serves."""
@@ -68,7 +75,8 @@ class ClientRuntime:
         dim = self.system.retriever.dim
         if fed.knowledge == "global":
             if self.global_store is None:
-                self.global_store = KnowledgeStore.load(store_dir(self.stores_root, None), dim)
+                path = global_store_path(self.cfg, self.stores_root)
+                self.global_store = KnowledgeStore.load(path, dim)
             return self.global_store
         if partition in self.shards:
             self.shards.move_to_end(partition)

@@ -25,7 +25,12 @@ from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json
 from fedrag_ray.centralized import eval_examples, npz_bytes, prepare_store
 from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.data import RagDataset, load_dataset_from_config
-from fedrag_ray.federated.client_app import client_partitions, make_client_app, store_dir
+from fedrag_ray.federated.client_app import (
+    client_partitions,
+    global_store_path,
+    make_client_app,
+    store_dir,
+)
 from fedrag_ray.federated.ray_backend import fedrag_backend
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
 from fedrag_ray.federated.server_app import FederatedServer, make_server_app, process_tree_rss
@@ -120,28 +125,33 @@ def run_federated(
     cfg_json = cfg.model_dump_json()
     seed_everything(cfg.seed)
 
-    phase("loading data and models")
-    data = load_dataset_from_config(cfg.data)
-    system = RAGSystem(cfg)
-    stores_root = Path(fed.shard_dir) if fed.shard_dir else run_dir / "stores"
-    global_path = store_dir(stores_root, None)
-    phase(f"indexing {len(data.passages)} passages")
-    if (global_path / "manifest.json").exists():
-        store = KnowledgeStore.load(global_path, expected_dim=system.retriever.dim)
-        system.store = store
-    else:
-        store = prepare_store(system, data)
-        store.save(global_path)
-    shards_built = 0
-    if fed.knowledge != "global":
-        phase(f"building private shards for {fed.num_clients} clients")
-        shards_built = build_client_shards(cfg, data, store, stores_root)
-    setup_seconds = time.perf_counter() - t_start
-
+    # Join (or start) Ray and check that the client resources fit *before* the slow data
+    # and model preparation, so an impossible request fails in seconds, not minutes.
+    phase("connecting to Ray")
     started_ray = _init_ray(address, num_cpus)
     try:
         slots = cluster_client_slots(fed.client_resources)
         num_actors = fed.num_actors or min(slots, fed.sampled)
+
+        phase("loading data and models")
+        data = load_dataset_from_config(cfg.data)
+        system = RAGSystem(cfg)
+        stores_root = Path(fed.shard_dir) if fed.shard_dir else run_dir / "stores"
+        global_path = global_store_path(cfg, stores_root)
+        phase(f"indexing {len(data.passages)} passages")
+        if (global_path / "manifest.json").exists():
+            store = KnowledgeStore.load(global_path, expected_dim=system.retriever.dim)
+            system.store = store
+        else:
+            store = prepare_store(system, data)
+            if not cfg.knowledge_store.path:  # prepare_store saved it there already
+                store.save(global_path)
+        shards_built = 0
+        if fed.knowledge != "global":
+            phase(f"building private shards for {fed.num_clients} clients")
+            shards_built = build_client_shards(cfg, data, store, stores_root)
+        setup_seconds = time.perf_counter() - t_start
+
         results: dict[str, Any] = {}
         server = FederatedServer(
             cfg,
