@@ -286,7 +286,11 @@ def _scheduler(tc: TuneConfig, base_raw: dict[str, Any]) -> Any:
 
 
 def _tracking_callbacks(tc: TuneConfig) -> list[Any]:
-    callbacks: list[Any] = []
+    """CSV + JSON always (the per-round history is read back from them); TensorBoard and
+    MLflow only when the config asks (auto-added loggers are switched off)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    callbacks: list[Any] = [CSVLoggerCallback(), JsonLoggerCallback()]
     if tc.tracking.tensorboard:
         from ray.tune.logger import TBXLoggerCallback
 
