@@ -20,6 +20,7 @@ from fedrag_ray.data import Passage
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+_MANIFEST_KEYS = ("dim", "count", "index", "n_shards", "shard_files", "nlist", "nprobe", "hnsw_m")
 
 
 class KnowledgeStoreError(RuntimeError):
@@ -165,6 +166,9 @@ class KnowledgeStore:
                 f"{path}: store format version {version}, this fedrag_ray reads "
                 f"{FORMAT_VERSION}; rebuild it with `fedrag-ray index build`"
             )
+        missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+        if missing:
+            raise KnowledgeStoreError(f"{manifest_path}: corrupt manifest (missing {missing})")
         if expected_dim is not None and manifest["dim"] != expected_dim:
             raise KnowledgeStoreError(
                 f"{path}: store embeddings have dim {manifest['dim']} but the retriever "

@@ -1,0 +1,332 @@
+"""Data loading (PubMedQA, JSONL/JSON/Parquet through `datasets`), errors that point at the
+offending line/row/key, train/eval split and client partitions."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedrag_ray.config import DataConfig
+from fedrag_ray.data import (
+    BUNDLED_DATA,
+    DataError,
+    QAExample,
+    load_corpus_rows,
+    load_dataset_from_config,
+    load_pubmedqa,
+    load_qa_rows,
+    partition_examples,
+    resolve_data_path,
+    split_train_eval,
+)
+
+# --------------------------------------------------------------------------- PubMedQA
+
+
+def test_bundled_pubmedqa_sample(pubmedqa_sample):
+    examples, passages = pubmedqa_sample
+    assert len(examples) == 200
+    assert len(passages) == 679
+    assert len({p.id for p in passages}) == 679
+    assert len({e.id for e in examples}) == 200
+    raw = json.loads((BUNDLED_DATA / "pubmedqa_sample.json").read_text())
+    first_id, first = next(iter(raw.items()))
+    ex = examples[0]
+    assert ex.id == first_id and ex.question == first["QUESTION"]
+    assert ex.answer == ex.label == first["final_decision"]
+    assert ex.long_answer == first["LONG_ANSWER"]
+    assert ex.gold_doc_ids == [first_id]
+    own = [p for p in passages if p.doc_id == first_id]
+    assert [p.text for p in own] == first["CONTEXTS"]
+    assert [p.id for p in own] == [f"{first_id}:{i}" for i in range(len(own))]
+    assert Counter(e.label for e in examples) == Counter(v["final_decision"] for v in raw.values())
+    docs = {p.doc_id for p in passages}
+    assert all(e.gold_doc_ids[0] in docs for e in examples)
+
+
+def _sample_items(n: int = 3) -> dict:
+    raw = json.loads((BUNDLED_DATA / "pubmedqa_sample.json").read_text())
+    return dict(list(raw.items())[:n])
+
+
+def test_pubmedqa_missing_field_names_file_and_key(tmp_path):
+    items = _sample_items()
+    bad_key = list(items)[1]
+    del items[bad_key]["QUESTION"]
+    path = tmp_path / "pqa.json"
+    path.write_text(json.dumps(items))
+    with pytest.raises(DataError) as exc:
+        load_pubmedqa(path)
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert repr(bad_key) in msg
+    assert "'QUESTION'" in msg
+
+
+def test_pubmedqa_bad_values(tmp_path):
+    items = _sample_items()
+    key = list(items)[2]
+    items[key]["final_decision"] = "perhaps"
+    path = tmp_path / "pqa.json"
+    path.write_text(json.dumps(items))
+    with pytest.raises(DataError, match=rf"key '{key}'.*yes/no/maybe.*'perhaps'"):
+        load_pubmedqa(path)
+    items = _sample_items()
+    items[key]["CONTEXTS"] = []
+    path.write_text(json.dumps(items))
+    with pytest.raises(DataError, match=rf"key '{key}'.*CONTEXTS"):
+        load_pubmedqa(path)
+    path.write_text('{"1": {\n"QUESTION": "x",\n oops}')
+    with pytest.raises(DataError, match=r"pqa.json: line 3: invalid JSON"):
+        load_pubmedqa(path)
+
+
+def test_missing_data_file():
+    with pytest.raises(DataError, match="not found"):
+        resolve_data_path("bundled:no_such_file.json")
+
+
+def test_dataset_from_config_split_and_limits():
+    ds = load_dataset_from_config(DataConfig())
+    assert len(ds.train) == 160 and len(ds.eval) == 40
+    assert not {e.id for e in ds.train} & {e.id for e in ds.eval}
+    assert len(ds.passages) == 679
+    small = load_dataset_from_config(DataConfig(max_train=8, max_eval=4, split_seed=1))
+    assert len(small.train) == 8 and len(small.eval) == 4
+    long = load_dataset_from_config(DataConfig(answer="long", max_train=5))
+    assert all(e.answer == e.long_answer and e.label in ("yes", "no", "maybe") for e in long.train)
+
+
+# --------------------------------------------------------------------------- JSONL / JSON
+
+
+def _jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+QA_ROWS = [
+    {"id": "q1", "question": "Is water wet?", "answer": "yes", "gold_ids": ["d1"]},
+    {"id": "q2", "question": "Is fire cold?", "answer": "no", "label": "no"},
+    {"id": "q3", "question": "Is the sky green?", "answer": "no", "metadata": {"src": "a"}},
+]
+
+
+def test_jsonl_qa_rows_load(tmp_path):
+    path = _jsonl(tmp_path / "qa.jsonl", [json.dumps(r) for r in QA_ROWS])
+    rows = load_qa_rows(path)
+    assert [r.id for r in rows] == ["q1", "q2", "q3"]
+    assert rows[0].gold_doc_ids == ["d1"] and rows[1].gold_doc_ids == []
+    assert rows[1].label == "no" and rows[0].label is None
+    assert rows[2].metadata == {"src": "a"}
+    assert rows[2].answer == "no"
+
+
+def test_jsonl_invalid_json_names_file_and_line(tmp_path):
+    lines = [json.dumps(QA_ROWS[0]), json.dumps(QA_ROWS[1]), '{"question": "x", "answer": ']
+    path = _jsonl(tmp_path / "qa.jsonl", lines)
+    with pytest.raises(DataError) as exc:
+        load_qa_rows(path)
+    msg = str(exc.value)
+    assert str(path) in msg and "line 3" in msg and "invalid JSON" in msg
+
+
+def test_jsonl_missing_question_names_line(tmp_path):
+    lines = [json.dumps(QA_ROWS[0]), json.dumps({"id": "q2", "answer": "no"})]
+    path = _jsonl(tmp_path / "qa.jsonl", lines)
+    with pytest.raises(DataError) as exc:
+        load_qa_rows(path)
+    msg = str(exc.value)
+    assert str(path) in msg and "line 2" in msg and "'question'" in msg
+
+
+def test_jsonl_line_numbers_count_blank_lines(tmp_path):
+    lines = [json.dumps(QA_ROWS[0]), "", json.dumps(QA_ROWS[1]), json.dumps({"question": "q"})]
+    path = _jsonl(tmp_path / "qa.jsonl", lines)
+    with pytest.raises(DataError, match=r"line 4: missing or empty field 'answer'"):
+        load_qa_rows(path)
+
+
+def test_jsonl_non_object_row_and_bad_gold(tmp_path):
+    path = _jsonl(tmp_path / "qa.jsonl", [json.dumps(QA_ROWS[0]), "[1, 2]"])
+    with pytest.raises(DataError, match="line 2: row must be a JSON object"):
+        load_qa_rows(path)
+    row = {"question": "q", "answer": "a", "gold_ids": "d1"}
+    path = _jsonl(tmp_path / "qa2.jsonl", [json.dumps(row)])
+    with pytest.raises(DataError, match="line 1: field 'gold_ids' must be a list"):
+        load_qa_rows(path)
+
+
+def test_corpus_rows_default_doc_id(tmp_path):
+    rows = [
+        {"id": "p1", "text": "alpha", "doc_id": "d1"},
+        {"id": "p2", "text": "beta"},
+    ]
+    path = _jsonl(tmp_path / "corpus.jsonl", [json.dumps(r) for r in rows])
+    passages = load_corpus_rows(path)
+    assert [(p.id, p.doc_id, p.text) for p in passages] == [
+        ("p1", "d1", "alpha"),
+        ("p2", "p2", "beta"),
+    ]
+    bad = _jsonl(
+        tmp_path / "bad.jsonl", [json.dumps(rows[0]), json.dumps({"id": "p3", "text": " "})]
+    )
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: missing or empty field 'text'"):
+        load_corpus_rows(bad)
+
+
+def test_json_list_rows(tmp_path):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps([QA_ROWS[0], {"question": "no answer"}]))
+    with pytest.raises(DataError, match=r"qa.json: row 1: missing or empty field 'answer'"):
+        load_qa_rows(path)
+    path.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(DataError, match="list of row objects"):
+        load_qa_rows(path)
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nq,a\n")
+    with pytest.raises(DataError, match="unsupported data format '.csv'"):
+        load_qa_rows(path)
+
+
+# --------------------------------------------------------------------------- Parquet
+
+
+def test_parquet_rows_and_missing_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "qa.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a", "b"],
+                "question": ["first?", "second?"],
+                "answer": ["yes", "no"],
+                "gold_ids": [["d1"], ["d2", "d3"]],
+            }
+        ),
+        good,
+    )
+    rows = load_qa_rows(good)
+    assert [(r.id, r.question, r.answer, r.gold_doc_ids) for r in rows] == [
+        ("a", "first?", "yes", ["d1"]),
+        ("b", "second?", "no", ["d2", "d3"]),
+    ]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"question": ["q0", "q1", None], "answer": ["a", "b", "c"]}), bad)
+    with pytest.raises(DataError) as exc:
+        load_qa_rows(bad)
+    msg = str(exc.value)
+    assert str(bad) in msg and "row 2" in msg and "'question'" in msg
+
+
+def test_qa_jsonl_config_end_to_end(tmp_path):
+    qa = _jsonl(tmp_path / "qa.jsonl", [json.dumps(r) for r in QA_ROWS])
+    corpus = _jsonl(
+        tmp_path / "c.jsonl", [json.dumps({"id": f"d{i}", "text": f"doc {i}"}) for i in range(4)]
+    )
+    ds = load_dataset_from_config(
+        DataConfig(format="qa_jsonl", path=str(qa), corpus=str(corpus), eval_fraction=0.34)
+    )
+    assert len(ds.train) == 2 and len(ds.eval) == 1 and len(ds.passages) == 4
+    with pytest.raises(DataError, match="data.corpus is required"):
+        load_dataset_from_config(DataConfig(format="qa_jsonl", path=str(qa)))
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _toy(n: int) -> list[QAExample]:
+    return [QAExample(id=str(i), question=f"q{i}", answer="a") for i in range(n)]
+
+
+def test_split_train_eval_deterministic_and_disjoint():
+    ex = _toy(50)
+    tr1, ev1 = split_train_eval(ex, 0.2, seed=3)
+    tr2, ev2 = split_train_eval(ex, 0.2, seed=3)
+    assert [e.id for e in ev1] == [e.id for e in ev2] and [e.id for e in tr1] == [e.id for e in tr2]
+    assert len(ev1) == 10 and len(tr1) == 40
+    assert not {e.id for e in tr1} & {e.id for e in ev1}
+    assert {e.id for e in tr1} | {e.id for e in ev1} == {e.id for e in ex}
+    _, ev3 = split_train_eval(ex, 0.2, seed=4)
+    assert {e.id for e in ev3} != {e.id for e in ev1}
+    _, tiny = split_train_eval(_toy(3), 0.01, seed=0)
+    assert len(tiny) == 1  # never an empty eval fold
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def _flat(parts: list[list[int]]) -> list[int]:
+    return sorted(i for p in parts for i in p)
+
+
+def _label_skew(examples, parts) -> float:
+    """Fraction of examples that carry their client's majority label (iid ~ 0.55 here)."""
+    return sum(max(Counter(examples[i].label for i in p).values()) for p in parts) / len(examples)
+
+
+def test_iid_partition_covers_each_index_once(pubmedqa_sample):
+    examples, _ = pubmedqa_sample
+    parts = partition_examples(examples, 7, "iid", seed=1)
+    assert _flat(parts) == list(range(200))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert parts == partition_examples(examples, 7, "iid", seed=1)
+    assert parts != partition_examples(examples, 7, "iid", seed=2)
+    assert _label_skew(examples, parts) < 0.65
+
+
+def test_dirichlet_small_alpha_is_skewed_but_no_client_empty(pubmedqa_sample):
+    examples, _ = pubmedqa_sample
+    skews = []
+    for seed in range(5):
+        parts = partition_examples(examples, 6, "dirichlet", alpha=0.05, seed=seed)
+        assert _flat(parts) == list(range(200))
+        assert all(len(p) >= 1 for p in parts)
+        skews.append(_label_skew(examples, parts))
+    assert np.mean(skews) > 0.8
+    near_iid = partition_examples(examples, 6, "dirichlet", alpha=100.0, seed=0)
+    assert _flat(near_iid) == list(range(200))
+    assert _label_skew(examples, near_iid) < 0.65
+
+
+def test_dirichlet_fills_empty_clients():
+    # 2 labels, 10 clients, tiny alpha: most clients draw nothing and must be topped up.
+    ex = [
+        QAExample(id=str(i), question="q", answer="a", label="yes" if i % 2 else "no")
+        for i in range(30)
+    ]
+    parts = partition_examples(ex, 10, "dirichlet", alpha=0.01, seed=0)
+    assert all(parts) and _flat(parts) == list(range(30))
+
+
+def test_field_partition_keeps_each_value_on_one_client(pubmedqa_sample):
+    examples, _ = pubmedqa_sample
+    parts = partition_examples(examples, 5, "field", field_name="year", seed=0)
+    assert _flat(parts) == list(range(200))
+    assert all(parts)
+    owner: dict[str, set[int]] = {}
+    for c, p in enumerate(parts):
+        for i in p:
+            owner.setdefault(examples[i].metadata["year"], set()).add(c)
+    assert len(owner) > 5
+    assert all(len(clients) == 1 for clients in owner.values())
+    by_label = partition_examples(examples, 3, "field", field_name="label", seed=0)
+    assert sorted({examples[i].label for i in p}.pop() for p in by_label) == ["maybe", "no", "yes"]
+    assert all(len({examples[i].label for i in p}) == 1 for p in by_label)
+
+
+def test_partition_errors():
+    with pytest.raises(ValueError, match="cannot split 3 examples across 4 clients"):
+        partition_examples(_toy(3), 4)
+    with pytest.raises(ValueError, match="unknown partition type 'zipf'"):
+        partition_examples(_toy(3), 2, "zipf")

@@ -1,0 +1,312 @@
+"""Retriever (MiniLM bi-encoder, full / LoRA / frozen) and generator (default offline LM,
+RALT answer-only masking, 4-bit NF4 and 8-bit QLoRA on CPU) with the real libraries."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedrag_ray.config import DefaultGeneratorSpec, GeneratorConfig, RetrieverConfig
+from fedrag_ray.generator import (
+    Generator,
+    build_default_generator,
+    default_generator_dir,
+    minilm_path,
+)
+from fedrag_ray.retriever import BiEncoderRetriever
+
+TEXTS = [
+    "Aspirin lowers body temperature in patients with fever.",
+    "The stock market closed higher on Friday after strong earnings.",
+    "Myocardial infarction is caused by blocked coronary arteries.",
+]
+
+
+def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- retriever
+
+
+def test_default_retriever_offline_minilm(retriever):
+    assert retriever.dim == 384
+    assert retriever.cfg.model == "default"
+    emb = retriever.encode_passages(TEXTS)
+    assert emb.shape == (3, 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    q = retriever.encode_queries(["What drug reduces a fever?", "What causes a heart attack?"])
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    assert (q @ emb.T).argmax(axis=1).tolist() == [0, 2]  # a real sentence encoder
+
+
+def test_shared_at_init_query_equals_passage_encoder(retriever):
+    assert retriever.trains
+    assert retriever.query_encoder is not retriever.passage_encoder
+    np.testing.assert_allclose(
+        retriever.encode_queries(TEXTS), retriever.encode_passages(TEXTS), atol=1e-5
+    )
+    assert not _trainable(retriever.passage_encoder)
+    q_params = list(retriever.query_encoder.parameters())
+    assert all(p.requires_grad for p in q_params)
+    passage_ptrs = {p.data_ptr() for p in retriever.passage_encoder.parameters()}
+    assert not passage_ptrs & {p.data_ptr() for p in q_params}  # a copy, not shared storage
+
+
+def test_query_encoder_has_gradient_passage_encoder_none(retriever):
+    r = copy.deepcopy(retriever)
+    q = r.encode_queries_train(TEXTS[:2])
+    assert q.requires_grad and q.shape == (2, 384)
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(2), atol=1e-5, rtol=0)
+    q.sum().backward()
+    # every encoder weight gets a gradient; BERT's pooler is unused by mean pooling
+    grads = [p.grad for n, p in r.query_encoder.named_parameters() if ".pooler." not in n]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in r.passage_encoder.parameters())
+
+
+def test_lora_retriever_trains_only_lora_params():
+    r = BiEncoderRetriever(RetrieverConfig(train="lora", lora_r=4, lora_alpha=8), seed=0)
+    trainable = _trainable(r.query_encoder)
+    assert trainable and all("lora_" in n for n in trainable)
+    # MiniLM: 6 layers x (query, value) x (A: 384x4 + B: 4x384)
+    assert sum(p.numel() for p in trainable.values()) == 6 * 2 * 2 * 384 * 4
+    assert not _trainable(r.passage_encoder)
+    # LoRA B starts at zero: the query side still equals the passage side
+    np.testing.assert_allclose(r.encode_queries(TEXTS), r.encode_passages(TEXTS), atol=1e-5)
+    r.encode_queries_train(TEXTS[:2]).sum().backward()
+    for name, p in r.query_encoder.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+
+
+def test_frozen_retriever_keeps_one_encoder():
+    r = BiEncoderRetriever(RetrieverConfig(train="none"))
+    assert r.query_encoder is r.passage_encoder and not r.trains
+    assert not _trainable(r.query_encoder)
+
+
+# --------------------------------------------------------------------------- default generator
+
+
+def test_default_generator_is_deterministic_in_seed(tmp_path):
+    spec = DefaultGeneratorSpec(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    weights = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = build_default_generator(spec, seed, tmp_path / name)
+        assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
+        weights[name] = load_file(str(out / "model.safetensors"))
+    assert weights["a"].keys() == weights["b"].keys()
+    for k in weights["a"]:
+        torch.testing.assert_close(weights["a"][k], weights["b"][k], rtol=0, atol=0)
+    differ = [k for k in weights["a"] if not torch.equal(weights["a"][k], weights["c"][k])]
+    assert any("proj" in k for k in differ)
+    # idempotent: an existing directory is reused, not rebuilt
+    stamp = (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns
+    build_default_generator(spec, 5, tmp_path / "a")
+    assert (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert default_generator_dir(spec, 0) == default_generator_dir(spec, 0)
+    assert default_generator_dir(spec, 0) != default_generator_dir(spec, 1)
+    assert default_generator_dir(spec, 0) != default_generator_dir(DefaultGeneratorSpec(), 0)
+
+
+def test_generator_built_into_temp_cache_with_seeded_lora(generator, fedrag_cache):
+    spec = generator.cfg.default_spec
+    assert default_generator_dir(spec, 0).is_relative_to(fedrag_cache)
+    assert (default_generator_dir(spec, 0) / "config.json").exists()
+    again = Generator(GeneratorConfig(max_length=64), seed=0)
+    for (n1, p1), (n2, p2) in zip(
+        generator.model.named_parameters(), again.model.named_parameters(), strict=True
+    ):
+        assert n1 == n2
+        assert torch.equal(p1, p2), n1
+    lora = _trainable(generator.model)
+    assert lora and all("lora_" in n for n in lora)
+    assert any("q_proj" in n for n in lora) and any("v_proj" in n for n in lora)
+    assert generator.tokenizer.name_or_path.startswith(str(fedrag_cache))
+    assert minilm_path()  # the offline MiniLM package provides the tokenizer
+
+
+# --------------------------------------------------------------------------- RALT masking
+
+PROMPTS = [
+    "context: aspirin lowers fever in adults\nquestion: does aspirin help?\nanswer:",
+    "question: ok?\nanswer:",
+    "context: x y z\nquestion: what is the colour of the sky on a clear day?\nanswer:",
+]
+ANSWERS = ["yes", "no it is not", "blue"]
+
+
+def _expected_rows(gen: Generator, prompts, answers):
+    rows = []
+    for p, a in zip(prompts, answers, strict=True):
+        p_ids = gen.tokenizer(p, add_special_tokens=False)["input_ids"]
+        a_ids = gen.tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [gen.eos_id]
+        rows.append((p_ids, a_ids))
+    return rows
+
+
+def test_encode_pairs_labels_only_answer_tokens(generator):
+    ids, mask, labels = generator.encode_pairs(PROMPTS, ANSWERS)
+    expected = _expected_rows(generator, PROMPTS, ANSWERS)
+    width = max(len(p) + len(a) for p, a in expected)
+    assert ids.shape == mask.shape == labels.shape == (3, width)
+    pad = generator.tokenizer.pad_token_id
+    for i, (p, a) in enumerate(expected):
+        n = len(p) + len(a)
+        assert ids[i, :n].tolist() == p + a
+        assert mask[i, :n].tolist() == [1] * n and mask[i, n:].sum() == 0
+        assert ids[i, n:].tolist() == [pad] * (width - n)
+        assert labels[i, : len(p)].tolist() == [-100] * len(p)  # every prompt token masked
+        assert labels[i, len(p) : n].tolist() == a  # answer tokens + EOS
+        assert labels[i, n:].tolist() == [-100] * (width - n)
+        assert a[-1] == generator.eos_id and len(a) >= 2
+
+
+def test_encode_pairs_truncates_prompt_from_the_left(generator):
+    short = copy.copy(generator)
+    short.cfg = generator.cfg.model_copy(update={"max_length": 24})
+    long_prompt = (
+        "context: " + " ".join(f"word{i}" for i in range(60)) + "\nquestion: why?\nanswer:"
+    )
+    ids, mask, labels = short.encode_pairs([long_prompt], ["because"])
+    ((p, a),) = _expected_rows(generator, [long_prompt], ["because"])
+    assert ids.shape[1] == 24
+    assert ids[0].tolist() == p[-(24 - len(a)) :] + a  # the question end of the prompt survives
+    assert (labels[0] != -100).sum() == len(a)
+
+
+def _hand_loss(gen: Generator, prompts, answers) -> torch.Tensor:
+    """Cross entropy over answer positions only, from the raw logits, in float64."""
+    ids, mask, _ = gen.encode_pairs(prompts, answers)
+    with torch.no_grad():
+        logits = gen.model(input_ids=ids, attention_mask=mask).logits.double()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for i, (p, a) in enumerate(_expected_rows(gen, prompts, answers)):
+        for j, tok in enumerate(a):
+            pos = len(p) + j  # position of the answer token; predicted from pos - 1
+            row = logits[i, pos - 1]
+            total += torch.logsumexp(row, 0) - row[tok]
+            count += 1
+    return total / count
+
+
+def test_loss_equals_hand_computed_answer_only_cross_entropy(generator):
+    gen = copy.deepcopy(generator)
+    # move LoRA B off zero so the adapters take part in the check
+    with torch.no_grad():
+        for name, p in gen.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    gen.model.eval()
+    with torch.no_grad():
+        loss = gen.loss(PROMPTS, ANSWERS)
+    hand = _hand_loss(gen, PROMPTS, ANSWERS)
+    assert float(loss) == pytest.approx(float(hand), rel=1e-5)
+    # the mask matters: a loss over every token is a different number
+    ids, mask, _ = gen.encode_pairs(PROMPTS, ANSWERS)
+    with torch.no_grad():
+        full = gen.model(
+            input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)
+        ).loss
+    assert abs(float(full) - float(hand)) > 1e-3
+    # answer_logprobs: per-example sums that add back up to the same mean
+    with torch.no_grad():
+        logp, n = gen.answer_logprobs(PROMPTS, ANSWERS)
+    assert n.tolist() == [len(a) for _, a in _expected_rows(gen, PROMPTS, ANSWERS)]
+    assert float(-logp.sum() / n.sum()) == pytest.approx(float(hand), rel=1e-5)
+
+
+def test_answer_logprobs_do_not_depend_on_batch_padding(generator):
+    generator.model.eval()
+    with torch.no_grad():
+        batched, _ = generator.answer_logprobs(PROMPTS, ANSWERS)
+        single = torch.cat(
+            [generator.answer_logprobs([p], [a])[0] for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+        )
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-5)
+
+
+def test_generate_after_fitting_reproduces_answers(generator):
+    gen = copy.deepcopy(generator)
+    opt = torch.optim.AdamW(_trainable(gen.model).values(), lr=2e-2)
+    for _ in range(30):
+        gen.model.train()
+        loss = gen.loss(PROMPTS, ANSWERS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    batched = gen.generate(PROMPTS, max_new_tokens=6)  # left-padded batch
+    assert batched == ANSWERS
+    assert [gen.generate([p], max_new_tokens=6)[0] for p in PROMPTS] == ANSWERS
+
+
+# --------------------------------------------------------------------------- QLoRA on CPU
+
+
+def _qlora_train_check(gen: Generator, steps: int = 8) -> None:
+    lora = _trainable(gen.model)
+    assert lora and all("lora_" in n for n in lora)
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    opt = torch.optim.AdamW(lora.values(), lr=1e-2)
+    losses = []
+    for step in range(steps):
+        gen.model.train()
+        loss = gen.loss(PROMPTS, ANSWERS)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        grads = {n: p.grad for n, p in lora.items()}
+        assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+        b_norm = sum(float(g.abs().sum()) for n, g in grads.items() if "lora_B" in n)
+        assert b_norm > 0
+        if step == 1:  # once B has moved off zero, A receives gradient too
+            assert sum(float(g.abs().sum()) for n, g in grads.items() if "lora_A" in n) > 0
+        opt.step()
+        losses.append(float(loss.detach()))
+    changed = [n for n, p in lora.items() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(lora)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_qlora_4bit_nf4_trains_on_cpu():
+    import bitsandbytes as bnb
+
+    gen = Generator(GeneratorConfig(quantization="4bit", max_length=64), seed=0)
+    base = gen.model.get_base_model()
+    layer = base.model.layers[0]
+    quantized = [
+        layer.self_attn.q_proj.base_layer,
+        layer.self_attn.v_proj.base_layer,
+        layer.self_attn.k_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_proj,
+        layer.mlp.up_proj,
+        layer.mlp.down_proj,
+    ]
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in quantized)
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in quantized)
+    assert quantized[0].weight.dtype == torch.uint8
+    frozen = {id(m): m.weight.detach().clone() for m in quantized}
+    _qlora_train_check(gen)
+    for m in quantized:  # the 4-bit base never changes
+        assert torch.equal(m.weight.detach(), frozen[id(m)])
+
+
+def test_qlora_8bit_trains_on_cpu():
+    """bitsandbytes 0.50 has a CPU path for LLM.int8 (MatMul8bitLt casts to fp16 and runs
+    the int8 matmul in torch), so 8-bit QLoRA works on CPU, just without speed gains."""
+    import bitsandbytes as bnb
+
+    gen = Generator(GeneratorConfig(quantization="8bit", max_length=64), seed=0)
+    layer = gen.model.get_base_model().model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.base_layer, bnb.nn.Linear8bitLt)
+    assert isinstance(layer.mlp.down_proj, bnb.nn.Linear8bitLt)
+    assert layer.mlp.down_proj.weight.dtype == torch.int8
+    frozen = layer.mlp.down_proj.weight.detach().clone()
+    _qlora_train_check(gen)
+    assert torch.equal(layer.mlp.down_proj.weight.detach(), frozen)
