@@ -7,34 +7,51 @@ import logging
 # missing and then uses its built-in one; the warning is noise on every CPU machine.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from fedrag_ray.centralized import run_centralized
-from fedrag_ray.config import ConfigError, ExperimentConfig, config_from_dict, load_config
-from fedrag_ray.data import (
-    DataError,
-    Passage,
-    QAExample,
-    RagDataset,
-    load_corpus_rows,
-    load_dataset_from_config,
-    load_pubmedqa,
-    load_qa_rows,
-    partition_examples,
-)
-from fedrag_ray.evaluate import evaluate, exact_match, mean_reciprocal_rank, recall_at_k, token_f1
-from fedrag_ray.generator import Generator
-from fedrag_ray.knowledge_store import KnowledgeStore, KnowledgeStoreError
-from fedrag_ray.methods import local_train, lsr_loss, ralt_loss
-from fedrag_ray.rag import RagAnswer, RAGSystem
-from fedrag_ray.retriever import BiEncoderRetriever
+# Public API, imported lazily (PEP 562): `import fedrag_ray.knowledge_store` or the CLI's
+# error paths should not pay for torch, transformers and Flower up front.
+_EXPORTS = {
+    "run_centralized": "fedrag_ray.centralized",
+    "ConfigError": "fedrag_ray.config",
+    "ExperimentConfig": "fedrag_ray.config",
+    "config_from_dict": "fedrag_ray.config",
+    "load_config": "fedrag_ray.config",
+    "DataError": "fedrag_ray.data",
+    "Passage": "fedrag_ray.data",
+    "QAExample": "fedrag_ray.data",
+    "RagDataset": "fedrag_ray.data",
+    "load_corpus_rows": "fedrag_ray.data",
+    "load_dataset_from_config": "fedrag_ray.data",
+    "load_pubmedqa": "fedrag_ray.data",
+    "load_qa_rows": "fedrag_ray.data",
+    "partition_examples": "fedrag_ray.data",
+    "evaluate": "fedrag_ray.evaluate",
+    "exact_match": "fedrag_ray.evaluate",
+    "mean_reciprocal_rank": "fedrag_ray.evaluate",
+    "recall_at_k": "fedrag_ray.evaluate",
+    "token_f1": "fedrag_ray.evaluate",
+    "Generator": "fedrag_ray.generator",
+    "KnowledgeStore": "fedrag_ray.knowledge_store",
+    "KnowledgeStoreError": "fedrag_ray.knowledge_store",
+    "local_train": "fedrag_ray.methods",
+    "lsr_loss": "fedrag_ray.methods",
+    "ralt_loss": "fedrag_ray.methods",
+    "RagAnswer": "fedrag_ray.rag",
+    "RAGSystem": "fedrag_ray.rag",
+    "BiEncoderRetriever": "fedrag_ray.retriever",
+    "run_federated": "fedrag_ray.federated.simulation",
+    "run_sweep": "fedrag_ray.tune",
+}
 
 __version__ = "0.1.0"
 
 
-def run_federated(*args, **kwargs):  # noqa: ANN002, ANN003 - lazy: Flower/Ray import cost
-    """See :func:`fedrag_ray.federated.simulation.run_federated`."""
-    from fedrag_ray.federated.simulation import run_federated as _run
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedrag_ray' has no attribute {name!r}")
+    import importlib
 
-    return _run(*args, **kwargs)
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [
@@ -66,6 +83,7 @@ __all__ = [
     "recall_at_k",
     "run_centralized",
     "run_federated",
+    "run_sweep",
     "token_f1",
     "__version__",
 ]

@@ -110,6 +110,18 @@ def _progress() -> Progress:
     )
 
 
+def _phase_logger(progress: Progress, task: Any) -> Any:
+    """Phase names go into the progress bar; without a terminal (CI, logs) also one line
+    each, since rich draws no live bar there."""
+
+    def on_phase(message: str) -> None:
+        progress.update(task, description=message)
+        if not console.is_terminal:
+            console.log(message)
+
+    return on_phase
+
+
 Sets = typer.Option(None, "--set", help="Override a config field: --set train.lr=1e-3")
 
 
@@ -135,7 +147,7 @@ def train(
                 cfg,
                 output,
                 on_step=lambda s, loss: progress.update(task, completed=s, info=f"loss {loss:.4f}"),
-                on_phase=lambda m: progress.update(task, description=m),
+                on_phase=_phase_logger(progress, task),
             )
         console.print(
             _summary_table(
@@ -335,7 +347,7 @@ def simulate(
                 address=address,
                 resume=resume is not None,
                 on_round=on_round,
-                on_phase=lambda m: progress.update(task, description=m),
+                on_phase=_phase_logger(progress, task),
                 num_cpus=num_cpus,
             )
         fed = cfg.federation

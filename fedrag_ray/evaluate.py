@@ -69,18 +69,25 @@ def label_predictions(
 ) -> list[str]:
     """argmax over options of sum_d w_d P_LM(option | d, q); closed-book if no passages."""
     system.generator.model.eval()
-    preds = []
-    for qi, q in enumerate(questions):
-        ctx = passages[qi] if passages is not None else [""]
-        w = weights[qi] if weights is not None else np.ones(1)
-        prompts = [system.prompt(q, c) for c in ctx for _ in options]
-        answers = [o for _ in ctx for o in options]
-        logp, _ = system.generator.answer_logprobs(prompts, answers)
-        logp = logp.view(len(ctx), len(options)).cpu().numpy()
-        # log sum_d w_d exp(logp_d,o)
-        mix = np.log(np.maximum(w, 1e-12))[:, None] + logp
-        score = np.logaddexp.reduce(mix, axis=0)
-        preds.append(options[int(np.argmax(score))])
+    preds: list[str] = []
+    chunk = 8  # questions per forward pass
+    for start in range(0, len(questions), chunk):
+        prompts, answers, shapes = [], [], []
+        for qi in range(start, min(start + chunk, len(questions))):
+            ctx = passages[qi] if passages is not None else [""]
+            prompts += [system.prompt(questions[qi], c) for c in ctx for _ in options]
+            answers += [o for _ in ctx for o in options]
+            shapes.append((qi, len(ctx)))
+        logp_all, _ = system.generator.answer_logprobs(prompts, answers)
+        logp_all = logp_all.cpu().numpy()
+        offset = 0
+        for qi, n_ctx in shapes:
+            logp = logp_all[offset : offset + n_ctx * len(options)].reshape(n_ctx, len(options))
+            offset += n_ctx * len(options)
+            w = weights[qi] if weights is not None else np.ones(1)
+            # log sum_d w_d P(o | d, q)
+            score = np.logaddexp.reduce(np.log(np.maximum(w, 1e-12))[:, None] + logp, axis=0)
+            preds.append(options[int(np.argmax(score))])
     return preds
 
 
@@ -106,9 +113,11 @@ def evaluate(
         metrics[f"recall@{k}"] = recall_at_k(doc_ids, gold, k)
     metrics["mrr"] = mean_reciprocal_rank(doc_ids, gold)
 
-    ctx_texts = None if closed_book else [
-        [store.passages[i].text for i in row[:top_k] if i >= 0] for row in idx
-    ]
+    ctx_texts = (
+        None
+        if closed_book
+        else [[store.passages[i].text for i in row[:top_k] if i >= 0] for row in idx]
+    )
     weights = None
     if not closed_book:
         s = scores[:, :top_k] / cfg.train.lsr.tau
@@ -129,7 +138,8 @@ def evaluate(
         for i in range(0, len(prompts), 16):
             outs += system.generator.generate(prompts[i : i + 16], cfg.rag.max_new_tokens)
         refs = [e.answer for e in examples]
-        metrics["exact_match"] = float(np.mean([exact_match(o, r) for o, r in zip(outs, refs, strict=True)]))
-        metrics["f1"] = float(np.mean([token_f1(o, r) for o, r in zip(outs, refs, strict=True)]))
+        pairs = list(zip(outs, refs, strict=True))
+        metrics["exact_match"] = float(np.mean([exact_match(o, r) for o, r in pairs]))
+        metrics["f1"] = float(np.mean([token_f1(o, r) for o, r in pairs]))
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics

@@ -66,8 +66,7 @@ class KnowledgeStore:
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.shape != (len(passages), self.dim):
             raise ValueError(
-                f"embeddings shape {embeddings.shape} does not match "
-                f"({len(passages)}, {self.dim})"
+                f"embeddings shape {embeddings.shape} does not match ({len(passages)}, {self.dim})"
             )
         self.passages.extend(passages)
         self.embeddings = np.concatenate([self.embeddings, embeddings])

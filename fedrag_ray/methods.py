@@ -116,12 +116,15 @@ def local_train(
     """
     cfg = system.cfg.train
     start = time.perf_counter()
+    # Dropout (e.g. in the query encoder) draws from torch's global RNG: seed it from the
+    # key so a client's update does not depend on which clients its actor served before
+    # (resumed and uninterrupted runs then match).
+    torch.manual_seed(int(np.random.default_rng([system.cfg.seed, *key]).integers(2**31)))
     modules = system.trainable_modules()
     groups = []
     if "generator" in modules:
-        groups.append(
-            {"params": [p for p in modules["generator"].parameters() if p.requires_grad], "lr": cfg.lr}
-        )
+        gen_params = [p for p in modules["generator"].parameters() if p.requires_grad]
+        groups.append({"params": gen_params, "lr": cfg.lr})
     if "retriever" in modules:
         groups.append(
             {
@@ -134,7 +137,8 @@ def local_train(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
 
     result = LocalTrainResult()
-    for step, idx in enumerate(batches_for(len(examples), cfg.batch_size, system.cfg.seed, key, epochs, steps)):
+    order = batches_for(len(examples), cfg.batch_size, system.cfg.seed, key, epochs, steps)
+    for step, idx in enumerate(order):
         batch = [examples[i] for i in idx]
         system.generator.model.train()
         if cfg.method == "ralt":

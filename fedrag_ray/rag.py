@@ -77,7 +77,9 @@ class RAGSystem:
         scores, idx = self.retrieve([question], k)
         passages = self.store.get(idx)[0]
         context = "\n".join(p.text for p in passages)
-        text = self.generator.generate([self.prompt(question, context)], self.cfg.rag.max_new_tokens)
+        text = self.generator.generate(
+            [self.prompt(question, context)], self.cfg.rag.max_new_tokens
+        )
         return RagAnswer(question, text[0], passages, scores[0][: len(passages)].tolist())
 
     # ------------------------------------------------------------------ trainable state
@@ -102,7 +104,10 @@ class RAGSystem:
         }
 
     def trainable_state(self) -> dict[str, np.ndarray]:
-        return {k: p.detach().cpu().float().numpy().copy() for k, p in self.trainable_parameters().items()}
+        return {
+            k: p.detach().cpu().float().numpy().copy()
+            for k, p in self.trainable_parameters().items()
+        }
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:

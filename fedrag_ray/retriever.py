@@ -42,8 +42,10 @@ class BiEncoderRetriever:
         else:
             self.query_encoder = copy.deepcopy(self.passage_encoder)
         self.query_encoder.max_seq_length = cfg.max_length
-        for p in self.query_encoder.parameters():
-            p.requires_grad_(cfg.train == "full")
+        for name, p in self.query_encoder.named_parameters():
+            # BERT's pooler is unused by mean pooling: it would get no gradient and only
+            # add bytes to every federated message.
+            p.requires_grad_(cfg.train == "full" and ".pooler." not in name)
         if cfg.train == "lora":
             from peft import LoraConfig, get_peft_model
 
