@@ -419,10 +419,11 @@ def run_client(job: dict[str, Any], workdir: Path, cid: int) -> None:
     orig_fit, orig_eval = client.fit, client.evaluate
 
     def fit(parameters: list, config: dict) -> Any:
+        hf = trainer.hf_trainer_obj
         t0, c0 = time.time(), time.process_time()
         out = orig_fit(parameters, config)
         t1, c1 = time.time(), time.process_time()
-        hf = trainer.hf_trainer_obj
+        # HF resets state.log_history at every train() call: it holds this round only.
         losses = [e["train_loss"] for e in hf.state.log_history if "train_loss" in e]
         step_losses = [e["loss"] for e in hf.state.log_history if "loss" in e]
         opt = getattr(hf, "optimizer", None)
@@ -808,6 +809,12 @@ def _assemble(
         (c["n_train"], c["fits"][-1]["actual_train_loss"]) for c in clients if c.get("fits")
     ]
     startup = [c.get("startup_s") for c in clients]
+    setup_s = rounds[0]["t_start"] - t_proc if rounds and "t_start" in rounds[0] else None
+    observed = [
+        f"observed: round {r['round']} trained {r.get('fit_clients')} of {args.clients} clients"
+        for r in done
+        if r.get("fit_clients") != args.clients
+    ]
     return {
         "schema_version": SCHEMA_VERSION,
         "system": "fed-rag",
@@ -832,8 +839,9 @@ def _assemble(
         "cpu_count": os.cpu_count(),
         "versions": _versions(),
         "workdir": str(workdir),
-        "setup_s": (rounds[0]["t_start"] - t_proc) if rounds and "t_start" in rounds[0] else None,
+        "setup_s": setup_s,
         "store_build_s": prep_s,
+        "setup_excl_store_s": setup_s - prep_s if setup_s is not None else None,
         "server_startup_s": server.get("startup_s"),
         "client_startup_s": startup,
         "round_s": round_s,
@@ -884,7 +892,7 @@ def _assemble(
         ),
         "clients_detail": clients,
         "server_rounds_raw": rounds,
-        "notes": PEER_NOTES,
+        "notes": observed + PEER_NOTES,
     }
 
 
