@@ -195,11 +195,21 @@ def _fault_config(tmp_path: Path) -> dict:
 
 
 @pytest.mark.timeout(900)
-def test_raising_and_dying_clients_do_not_stop_the_run(tmp_path, monkeypatch):
-    from fedrag_ray.federated import run_federated
-
-    monkeypatch.setenv("FEDRAG_RAY_FAULTS", "raise:1,kill:2@2")
-    res = run_federated(config_from_dict(_fault_config(tmp_path)), tmp_path / "run")
+def test_raising_and_dying_clients_do_not_stop_the_run(tmp_path):
+    """Chaos knob in the environment of a fresh `fedrag-ray simulate` process, as a user
+    would set it: partition 1 raises every round, partition 2's actor dies in round 2."""
+    cfg_path = write_yaml(tmp_path / "exp.yaml", _fault_config(tmp_path))
+    env = {**os.environ, "FEDRAG_RAY_FAULTS": "raise:1,kill:2@2"}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*FEDRAG, "simulate", str(cfg_path), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=800,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
     rounds = {h["round"]: h for h in res["history"] if h["round"] > 0}
     assert rounds[1]["succeeded"] == 3 and rounds[1]["failed"] == 1
     assert rounds[2]["succeeded"] == 2 and rounds[2]["failed"] == 2  # raise + killed actor
@@ -207,6 +217,7 @@ def test_raising_and_dying_clients_do_not_stop_the_run(tmp_path, monkeypatch):
     assert rounds[3]["succeeded"] == 3 and rounds[3]["failed"] == 1
     assert {c["partition-id"] for c in rounds[3]["clients"]} == {0, 2, 3}
     assert all(r["aggregated"] for r in rounds.values())
+    assert res["failures"] == 4
 
 
 def _kill_tree(pid: int) -> None:
