@@ -475,6 +475,7 @@ def run_ours(
     }
     spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
     spec_path.write_text(json.dumps(spec, indent=1))
+    code = code_state()
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)]
     rc, wall = _run(cmd + ["--result", str(result_path)], run_dir / "worker.log", timeout)
@@ -483,7 +484,7 @@ def run_ours(
     else:
         tail = (run_dir / "worker.log").read_text(errors="replace").splitlines()[-30:]
         res = {"system": "fedrag_ray", "name": name, "exit_status": 1, "rc": rc, "log_tail": tail}
-    res["wall_s"] = wall
+    res["wall_s"], res["fedrag_ray_code"] = wall, code
     return res
 
 
@@ -677,6 +678,36 @@ def peer_headroom(cells: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def memory_crossover(cells: dict[str, Any], scale: list[dict[str, Any]]) -> dict[str, Any]:
+    """Smallest K where peer RSS / ours RSS >= the memory target: the peer's summed RSS
+    extrapolated linearly from its K=2 and 4 medians; ours taken as the largest summed RSS
+    measured at any K for that method (it is flat in K: same 2 actors at K=2 ... 64)."""
+    out = {}
+    for method in METHODS:
+        p2 = cells.get(f"{method}-k2", {}).get("peer", {}).get("rss_gib")
+        p4 = cells.get(f"{method}-k4", {}).get("peer", {}).get("rss_gib")
+        ours = [cells.get(f"{method}-k{k}", {}).get("ours", {}).get("rss_gib") for k in KS]
+        ours += [ours_figures(r).get("rss_gib") for r in scale if r.get("method") == method]
+        ours = [v for v in ours if v]
+        if not (p2 and p4 and ours):
+            continue
+        slope = (p4 - p2) / 2
+        fixed = p2 - 2 * slope
+        worst = max(ours)
+        k_met = next(
+            (k for k in range(2, 1000) if (fixed + slope * k) / worst >= TARGETS["memory_k4"]),
+            None,
+        )
+        out[method] = {
+            "peer_rss_per_client_gib": slope,
+            "peer_rss_fixed_gib": fixed,
+            "ours_rss_max_over_all_k_gib": worst,
+            "ours_rss_by_k_gib": {str(k): v for k, v in zip(KS, ours, strict=False)},
+            "smallest_k_with_ratio_ge_target": k_met,
+        }
+    return out
+
+
 def _fmt(v: float | None, digits: int = 1) -> str:
     return "n/a" if v is None else f"{v:,.{digits}f}"
 
@@ -814,6 +845,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def code_state() -> str:
+    """HEAD plus a hash of fedrag_ray's source as it is on disk now (the editable install
+    imports the working tree, which other work may be editing during a long run)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((REPO / "fedrag_ray").rglob("*.py")):
+        h.update(path.relative_to(REPO).as_posix().encode())
+        h.update(path.read_bytes())
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return f"{head}+src:{h.hexdigest()[:12]}"
+
+
 def _git() -> dict[str, Any]:
     def git(*a: str) -> str:
         return subprocess.run(
@@ -873,6 +919,16 @@ NOTES = [
     "Loss functions differ (fedrag_ray: answer-token-only RALT loss, LSR with temperature tau "
     "0.1 over log-likelihoods, prompts truncated to 256 tokens; fed-rag: whole-sequence labels, "
     "untruncated, LSR over raw probabilities): same work shape, not identical arithmetic.",
+    "CPU: 'CPU s / round' is comparable (peer: clients' CPU inside fit + server CPU over the "
+    "round; ours: whole process tree between round callbacks, median of the 3 rounds). "
+    "job_cpu_s is not: the peer's excludes its store-build process and launcher, ours includes "
+    "imports, Ray start and the index build of the worker.",
+    "Where fedrag_ray's memory goes (peak RSS per process, typical K=4 LSR run): driver "
+    "~1.15 GiB (server: generator + LoRA, passage encoder, query encoder, index, evaluation), "
+    "2 client actors ~1.0 GiB each, Ray's own processes ~0.7 GiB (GCS, raylet, dashboard head "
+    "(minimal, started even with include_dashboard=False), dashboard agent, runtime-env agent, "
+    "autoscaler monitor, log monitor, 2 prestarted idle workers ~80 MB each). It does not grow "
+    "with K (2 actors serve all clients): 3.2-3.7 GiB from K=2 to K=64.",
     "The machine is shared with other jobs: see the load averages; ratios are within one run, "
     "peer and ours alternating cell by cell, median of the repeats.",
 ]
@@ -887,11 +943,19 @@ def main() -> None:
     p.add_argument("--ks", type=int, nargs="*", default=list(KS), help=argparse.SUPPRESS)
     p.add_argument("--no-full", action="store_true", help="skip ours LSR full-encoder runs")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    p.add_argument(
+        "--resummarize",
+        action="store_true",
+        help="recompute medians/verdicts/table/PNG from OUT/peer_fedrag.json's raw runs",
+    )
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args.worker, args.result)
+        return
+    if args.resummarize:
+        resummarize(args.out)
         return
 
     t0 = time.time()
@@ -957,15 +1021,15 @@ def main() -> None:
                     f"rounds {res.get('round_seconds')} rss {res.get('sampled_peak_rss_sum_gib')}"
                 )
 
-    cells = summarize(raw)
-    verdict = verdicts(cells)
-    headroom = peer_headroom(cells)
+    cells, verdict, headroom, crossover, md = derive(raw, scale_runs)
+    codes = sorted(
+        {r.get("fedrag_ray_code") for r in [*sum(raw.values(), []), *scale_runs]} - {None}
+    )
     peer_notes: list[str] = []
     try:
         peer_notes = _load_peer_module().PEER_NOTES
     except Exception:  # noqa: BLE001 - informational only
         pass
-    md = table(cells, scale_runs)
     result = {
         "benchmark": "peer_fedrag",
         "date": started,
@@ -977,6 +1041,8 @@ def main() -> None:
         "loadavg_end": list(os.getloadavg()),
         "versions_ours": _versions(),
         "git": _git(),
+        "fedrag_ray_code_per_run": codes,
+        "fedrag_ray_code_changed_during_run": len(codes) > 1,
         "job": {
             "methods": list(args.methods),
             "clients": list(args.ks),
@@ -1011,6 +1077,7 @@ def main() -> None:
         "medians": cells,
         "verdicts": verdict,
         "peer_memory_headroom_24gib": headroom,
+        "memory_ratio_crossover": crossover,
         "scale_ours": [
             {
                 **ours_figures(r),
@@ -1037,8 +1104,54 @@ def main() -> None:
     (args.out / "peer_fedrag.json").write_text(json.dumps(result, indent=1, default=str))
     plot(cells, args.out / "peer_fedrag.png")
     print(md)
-    print(json.dumps({"verdicts": verdict, "peer_headroom": headroom}, indent=1, default=str))
+    print(json.dumps({"verdicts": verdict, "crossover": crossover}, indent=1, default=str))
     print(f"runtime {time.time() - t0:.0f} s; load {load_start} -> {os.getloadavg()}")
+
+
+def derive(
+    raw: dict[str, list[dict[str, Any]]], scale_runs: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any], str]:
+    """Everything computed from the raw runs: medians, verdicts, headroom, table."""
+    cells = summarize(raw)
+    verdict = verdicts(cells)
+    crossover = memory_crossover(cells, scale_runs)
+    verdict["memory_4x_at_k4"]["extrapolated_smallest_k_met"] = {
+        m: c["smallest_k_with_ratio_ge_target"] for m, c in crossover.items()
+    }
+    return cells, verdict, peer_headroom(cells), crossover, table(cells, scale_runs)
+
+
+def resummarize(out_dir: Path) -> None:
+    """Recompute the derived fields of an existing OUT/peer_fedrag.json from its stored raw
+    runs (no new measurement) and redraw the PNG."""
+    path = out_dir / "peer_fedrag.json"
+    result = json.loads(path.read_text())
+    cells, verdict, headroom, crossover, md = derive(result["raw"], result["raw_scale"])
+    result.update(
+        {
+            "medians": cells,
+            "verdicts": verdict,
+            "peer_memory_headroom_24gib": headroom,
+            "memory_ratio_crossover": crossover,
+            "markdown_table": md,
+            "notes": NOTES,
+            "resummarized": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    result["scale_ours"] = [
+        {
+            **ours_figures(r),
+            "method": r.get("method"),
+            "clients": r.get("clients"),
+            "n_train": r.get("n_train"),
+            "name": r.get("name"),
+        }
+        for r in result["raw_scale"]
+    ]
+    path.write_text(json.dumps(result, indent=1, default=str))
+    plot(cells, out_dir / "peer_fedrag.png")
+    print(md)
+    print(json.dumps({"verdicts": verdict, "crossover": crossover}, indent=1, default=str))
 
 
 if __name__ == "__main__":
