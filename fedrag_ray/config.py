@@ -211,7 +211,7 @@ class ExperimentConfig(_Strict):
     def _cross_checks(self) -> ExperimentConfig:
         if self.train.method in ("lsr", "both") and self.retriever.train == "none":
             raise ValueError("train.method uses LSR but retriever.train is 'none'")
-        if self.train.lsr.k > 1 and self.train.lsr.k > 1000:
+        if self.train.lsr.k > 1000:
             raise ValueError("train.lsr.k must be at most 1000")
         return self
 

@@ -143,3 +143,14 @@ def evaluate(
         metrics["f1"] = float(np.mean([token_f1(o, r) for o, r in pairs]))
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
+
+
+def closed_book_accuracy(system: RAGSystem, examples: list[QAExample]) -> float:
+    """Label accuracy with no passage in the prompt (no retrieval pass needed)."""
+    labelled = [e for e in examples if e.label is not None]
+    if not labelled or system.cfg.data.answer != "label":
+        return float("nan")
+    preds = label_predictions(
+        system, [e.question for e in labelled], None, None, system.cfg.rag.label_options
+    )
+    return float(np.mean([p == e.label for p, e in zip(preds, labelled, strict=True)]))

@@ -69,15 +69,19 @@ class BiEncoderRetriever:
     def trains(self) -> bool:
         return self.query_encoder is not self.passage_encoder and self.cfg.train != "none"
 
-    def encode_passages(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
-        emb = self.passage_encoder.encode(
+    def _encode(self, encoder: SentenceTransformer, texts: list[str], progress: bool) -> np.ndarray:
+        encoder.eval()
+        emb = encoder.encode(
             texts,
             batch_size=self.cfg.batch_size,
             convert_to_numpy=True,
             normalize_embeddings=True,
-            show_progress_bar=show_progress,
+            show_progress_bar=progress,
         )
         return emb.astype(np.float32)
+
+    def encode_passages(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+        return self._encode(self.passage_encoder, texts, show_progress)
 
     def encode_queries_train(self, texts: list[str]) -> torch.Tensor:
         """Normalised query embeddings *with* a gradient into the query encoder (LSR)."""
@@ -92,12 +96,4 @@ class BiEncoderRetriever:
 
     @torch.no_grad()
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        self.query_encoder.eval()
-        emb = self.query_encoder.encode(
-            texts,
-            batch_size=self.cfg.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        return emb.astype(np.float32)
+        return self._encode(self.query_encoder, texts, False)

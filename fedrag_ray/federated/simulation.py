@@ -278,16 +278,18 @@ def _plots(summary: dict[str, Any], run_dir: Path) -> None:
     hist = summary["history"]
     keys = [k for k in ("recall@5", "mrr", "accuracy", "f1") if k in hist[0]]
     metrics_vs_round(hist, keys, run_dir / "metrics_vs_round.png", "server-side evaluation")
-    rounds = [h for h in hist if h["round"] > 0]
-    for h in rounds:
-        h["peak_rss_gib"] = h.get("peak_rss_bytes", 0) / 2**30
-        h["mib_per_round"] = (h["bytes_sent"] + h["bytes_received"]) / 2**20
+    rounds = [
+        {
+            **h,
+            "peak_rss_gib": h.get("peak_rss_bytes", 0) / 2**30,
+            "mib_per_round": (h["bytes_sent"] + h["bytes_received"]) / 2**20,
+        }
+        for h in hist
+        if h["round"] > 0
+    ]
     metrics_vs_round(
         rounds,
         ["train_loss", "seconds", "mib_per_round", "peak_rss_gib"],
         run_dir / "rounds.png",
         "per-round figures",
     )
-    for h in rounds:
-        h.pop("peak_rss_gib", None)
-        h.pop("mib_per_round", None)
