@@ -349,17 +349,10 @@ def worker(spec_path: Path, result_path: Path) -> None:
 
     hist = out["history"]
     rows = [h for h in hist if h["round"] > 0]
-    t_round0 = next(r["t"] for r in rounds_seen if r["round"] == 0)
-    discovery = out["timings"]["discovery_s"]
-    t_first_round = t_round0 + discovery  # discovery runs right after round 0's evaluation
+    t_first_round = out["timings"]["first_round_started_at"]
     cpu_marks = {r["round"]: r["cpu"] for r in rounds_seen}
     round_cpu = [cpu_marks[r] - cpu_marks[r - 1] for r in range(1, ROUNDS + 1) if r in cpu_marks]
-    phase_t = {m.split(" ")[0]: t for t, m in phases}
-    index_s = (
-        phase_t["simulating"] - phase_t["indexing"]
-        if "simulating" in phase_t and "indexing" in phase_t
-        else None
-    )
+    index_s = out["timings"]["index_s"] or None  # on the actor that ran `prepare`
     result = {
         "system": "fedrag_ray",
         "name": spec["name"],
@@ -370,10 +363,10 @@ def worker(spec_path: Path, result_path: Path) -> None:
         "exit_status": 0,
         "setup_s": t_first_round - t_proc,
         "setup_method": (
-            "worker process start (psutil create_time) -> start of round 1 = time of the "
-            "on_round callback for round 0 (after the initial server evaluation) + "
-            "timings.discovery_s (partition discovery, which starts right after it); "
-            "includes Python imports, Ray start, model loads, index build, round-0 eval"
+            "worker process start (psutil create_time) -> start of round 1 "
+            "(timings.first_round_started_at); includes Python imports, Ray start, actor "
+            "start, partition discovery, model loads and index build on an actor (prepare), "
+            "round-0 eval"
         ),
         "index_build_s": index_s,
         "setup_excl_index_s": (t_first_round - t_proc - index_s) if index_s else None,
@@ -385,7 +378,8 @@ def worker(spec_path: Path, result_path: Path) -> None:
         "round_cpu_s": round_cpu,
         "round_cpu_method": (
             "CPU seconds of the whole process tree between on_round callbacks: round 1 also "
-            "holds partition discovery (client actors start), round 3 the server evaluation"
+            "holds the model loads of the actors that did not run `prepare`, round 3 the "
+            "server evaluation (on an actor)"
         ),
         "client_compute_seconds": [h["client_compute_seconds"] for h in rows],
         "bytes_per_round": [h["bytes_sent"] + h["bytes_received"] for h in rows],
@@ -422,6 +416,7 @@ def worker(spec_path: Path, result_path: Path) -> None:
         "num_actors": out["num_actors"],
         "timings": out["timings"],
         "phases": [(round(t - t_proc, 2), m) for t, m in phases],
+        "driver_imported_torch": out["driver_imported_torch"],
         "loadavg_1m_start_end": [load_start, os.getloadavg()[0]],
     }
     result_path.write_text(json.dumps(result, indent=1, default=str))
@@ -904,12 +899,17 @@ NOTES = [
     "bytes_sent + bytes_received of the history rows (len of each Array's .npy bytes, down and "
     "up; no parameters in evaluation). gRPC/protobuf framing excluded on both sides.",
     "Setup: peer = launcher start -> round 1 start (includes its knowledge-store build with one "
-    "thread in a separate process); ours = worker start -> round 1 start (on_round(0) time + "
-    "discovery_s; includes imports, Ray start, model loads, index build with 2 threads, the "
-    "round-0 server evaluation). setup_excl_index_s removes the index/store build on both sides.",
-    "Round 1 of fedrag_ray includes the client actors building their RAG system (lazily, on the "
-    "first train message); the peer's clients build theirs before round 1 (in setup). Medians "
-    "over 3 rounds.",
+    "thread in a separate process); ours = worker start -> round 1 start "
+    "(timings.first_round_started_at; includes imports, Ray start, actor start, discovery, "
+    "model loads and the index build on the actor that runs `prepare` with one thread, the "
+    "round-0 server evaluation on that actor). setup_excl_index_s removes the index/store "
+    "build on both sides.",
+    "Round 1 of fedrag_ray includes the other client actors building their RAG system "
+    "(lazily, on the first train message); the peer's clients build theirs before round 1 "
+    "(in setup). Medians over 3 rounds.",
+    "fedrag_ray's driver loads no model (it imports neither torch nor transformers): "
+    "preparation and server-side evaluation run on a client actor "
+    "(driver_imported_torch is recorded per run).",
     "Weight change: peer = weight_change_l2 of its server's final aggregated weights vs initial "
     "(query encoder for LSR, generator for RALT); ours = L2 of final - initial trainable arrays "
     "with prefix retriever. (LSR) or generator. (RALT), i.e. of the LoRA adapters (or of the "

@@ -71,3 +71,14 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def npz_bytes(state: dict[str, Any]) -> bytes:
+    """A dict of NumPy arrays as the bytes of an ``.npz`` file (for atomic_write_bytes)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **state)
+    return buf.getvalue()

@@ -10,11 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json
+from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json, npz_bytes
 from fedrag_ray.config import ExperimentConfig
-from fedrag_ray.data import RagDataset, load_dataset_from_config
+from fedrag_ray.data import RagDataset, eval_examples, load_dataset_from_config
 from fedrag_ray.evaluate import closed_book_accuracy, evaluate
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.methods import local_train
@@ -36,19 +34,6 @@ def prepare_store(
     if ks.path:
         store.save(ks.path)
     return store
-
-
-def eval_examples(cfg: ExperimentConfig, data: RagDataset) -> list:
-    n = cfg.eval.max_questions
-    return data.eval[:n] if n else data.eval
-
-
-def npz_bytes(state: dict[str, np.ndarray]) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **state)
-    return buf.getvalue()
 
 
 def run_centralized(

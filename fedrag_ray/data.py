@@ -1,4 +1,4 @@
-"""QA and corpus loading (PubMedQA, JSONL/JSON/Parquet via `datasets`), validation, and
+"""QA and corpus loading (PubMedQA, JSONL/JSON, Parquet via `datasets`), validation, and
 partitioning of questions across federated clients.
 
 A malformed row fails with a :class:`DataError` that names the file and the line (JSONL),
@@ -13,11 +13,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedrag_ray.config import PACKAGE_DIR, DataConfig
+
+if TYPE_CHECKING:
+    from fedrag_ray.config import ExperimentConfig
 
 BUNDLED_DATA = PACKAGE_DIR / "data"
 
@@ -129,16 +132,15 @@ def load_pubmedqa(path: str | Path) -> tuple[list[QAExample], list[Passage]]:
 
 
 def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Rows with a human location ("line 7", "row 3") through `datasets` (JSON/Parquet).
+    """Rows with a human location ("line 7", "row 3").
 
-    JSONL is scanned line by line first so a syntax error names its line; `datasets`
-    then does the typed load.
+    JSON and JSONL are parsed here, line by line, so a syntax error names its line;
+    Parquet goes through `datasets`, imported only then: it brings pyarrow and pandas
+    (~100 MiB resident) into every client actor that loads its partition.
     """
-    import datasets
-
     suffix = path.suffix.lower()
-    locations: list[str] = []
     if suffix in (".jsonl", ".ndjson"):
+        rows = []
         for lineno, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
@@ -148,28 +150,28 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {lineno}: row must be a JSON object")
-            locations.append(f"line {lineno}")
-        builder = "json"
-    elif suffix == ".json":
+            rows.append((f"line {lineno}", row))
+        return rows
+    if suffix == ".json":
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json data file must hold a list of row objects")
-        locations = [f"row {i}" for i in range(len(data))]
-        builder = "json"
-    elif suffix == ".parquet":
-        builder = "parquet"
-    else:
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {i}: row must be a JSON object")
+        return [(f"row {i}", row) for i, row in enumerate(data)]
+    if suffix != ".parquet":
         raise DataError(f"{path}: unsupported data format {suffix!r} (jsonl, json, parquet)")
+    import datasets
+
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as err:  # datasets wraps pyarrow errors in many types
         raise DataError(f"{path}: could not be loaded by datasets: {err}") from None
-    if builder == "parquet":
-        locations = [f"row {i}" for i in range(len(ds))]
-    return list(zip(locations, ds.to_list(), strict=True))
+    return [(f"row {i}", row) for i, row in enumerate(ds.to_list())]
 
 
 def _field(row: dict[str, Any], key: str, where: str, required: bool = True) -> Any:
@@ -273,6 +275,12 @@ def load_dataset_from_config(cfg: DataConfig) -> RagDataset:
 
 
 # --------------------------------------------------------------------------- partitioning
+
+
+def eval_examples(cfg: ExperimentConfig, data: RagDataset) -> list[QAExample]:
+    """The held-out questions evaluation uses (``eval.max_questions`` caps them)."""
+    n = cfg.eval.max_questions
+    return data.eval[:n] if n else data.eval
 
 
 def _field_value(example: QAExample, name: str) -> str:

@@ -97,6 +97,9 @@ def test_simulate_cli_default_config_8_clients_3_rounds(tmp_path, tiny_data):
     pids = {c["actor-pid"] for h in rounds for c in h["clients"]}
     assert len(pids) <= res["num_actors"] < 8
     assert "round 3" in proc.stderr
+    # the driver never loads a model: index build and evaluation ran on a client actor
+    assert res["driver_imported_torch"] is False
+    assert res["timings"]["index_s"] > 0 and res["timings"]["prepare_s"] > 0
 
 
 @pytest.mark.timeout(900)

@@ -79,17 +79,88 @@ def test_lora_retriever_trains_only_lora_params():
     assert trainable and all("lora_" in n for n in trainable)
     # MiniLM: 6 layers x (query, value) x (A: 384x4 + B: 4x384)
     assert sum(p.numel() for p in trainable.values()) == 6 * 2 * 2 * 384 * 4
-    assert not _trainable(r.passage_encoder)
+    # one set of base weights: the passage side is the same model, adapters off
+    assert r.shares_base and r.trains
+    base = [p for n, p in r.query_encoder.named_parameters() if "lora_" not in n]
+    assert base and not any(p.requires_grad for p in base)
     # LoRA B starts at zero: the query side still equals the passage side
-    np.testing.assert_allclose(r.encode_queries(TEXTS), r.encode_passages(TEXTS), atol=1e-5)
+    before = r.encode_passages(TEXTS)
+    np.testing.assert_allclose(r.encode_queries(TEXTS), before, atol=1e-5)
     r.encode_queries_train(TEXTS[:2]).sum().backward()
     for name, p in r.query_encoder.named_parameters():
         assert (p.grad is not None) == ("lora_" in name), name
+    with torch.no_grad():
+        for name, p in r.query_encoder.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    # a trained adapter moves the queries, never the passage vectors the index holds
+    assert np.abs(r.encode_queries(TEXTS) - before).max() > 1e-2
+    np.testing.assert_array_equal(r.encode_passages(TEXTS), before)
+
+
+def test_text_encoder_matches_sentence_transformers(tmp_path):
+    """Reference check: fedrag_ray's encoder (no sentence_transformers import) gives the
+    embeddings SentenceTransformer gives, for the default model and for a pipeline with
+    CLS pooling and a Dense layer."""
+    from sentence_transformers import SentenceTransformer, models
+
+    from fedrag_ray.text_encoder import TextEncoder
+
+    texts = [*TEXTS, "  padded   ", "A long passage about coronary arteries. " * 30]
+    ref = SentenceTransformer(minilm_path(), device="cpu")
+    ref.max_seq_length = 128
+    want = ref.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    got = TextEncoder(minilm_path(), max_length=128).encode(texts, batch_size=2)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    torch.manual_seed(0)
+    word = models.Transformer(minilm_path(), max_seq_length=64)
+    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="cls")
+    dense = models.Dense(384, 32, activation_function=torch.nn.Tanh())
+    custom = SentenceTransformer(modules=[word, pool, dense, models.Normalize()], device="cpu")
+    custom.save(str(tmp_path / "custom"))
+    want = custom.encode(texts, convert_to_numpy=True)
+    enc = TextEncoder(str(tmp_path / "custom"), max_length=64)
+    assert enc.dim == 32 and enc.pooling == "cls"
+    np.testing.assert_allclose(enc.encode(texts, batch_size=3), want, atol=1e-5)
+
+
+def test_text_encoder_rejects_unknown_modules(tmp_path):
+    import json
+    import shutil
+
+    from fedrag_ray.text_encoder import TextEncoder
+
+    model = tmp_path / "m"
+    shutil.copytree(minilm_path(), model)
+    modules = json.loads((model / "modules.json").read_text())
+    modules.insert(2, {"idx": 9, "name": "9", "path": "9_X", "type": "my_pkg.WeirdLayer"})
+    (model / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match="WeirdLayer"):
+        TextEncoder(str(model), max_length=32)
+
+
+def test_client_side_imports_stay_light():
+    """A client actor imports fedrag_ray's client app, data, methods and retriever. They
+    must not pull sentence_transformers / scikit-learn / pandas / datasets: that was
+    ~230 MiB resident per actor process (benchmarks/peer_fedrag.py measures the sum)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedrag_ray.federated.client_app, fedrag_ray.rag, fedrag_ray.evaluate;"
+        "heavy = [m for m in ('sentence_transformers', 'sklearn', 'pandas', 'datasets',"
+        " 'pyarrow') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
 
 
 def test_frozen_retriever_keeps_one_encoder():
     r = BiEncoderRetriever(RetrieverConfig(train="none"))
-    assert r.query_encoder is r.passage_encoder and not r.trains
+    assert r.query_encoder is r.passage_encoder and not r.trains and r.shares_base
     assert not _trainable(r.query_encoder)
 
 

@@ -7,6 +7,13 @@ its partition of the questions, its private knowledge shard (loaded lazily, LRU-
 and the adapter state it receives in each message. Replies carry only parameter arrays
 and scalar metrics.
 
+The actors are also where the server's model work runs, so the driver never loads a
+model (it would be a third copy of torch, transformers and the weights next to the
+actors' — and on a cluster, a generator on the head node): an ``evaluate`` message with
+``task: prepare`` builds the global index if it is missing and returns the initial
+trainable arrays; ``task: evaluate`` scores the global arrays on the server's held-out
+questions against the global store. Model code is imported inside the handlers only.
+
 Chaos testing: ``FEDRAG_RAY_FAULTS="raise:3,kill:5@2"`` makes partition 3 raise in every
 round and the actor serving partition 5 exit hard in round 2 (used by the tests, and
 handy to check a deployment's failure tolerance).
@@ -16,20 +23,29 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrag_ray.config import ExperimentConfig, config_from_dict
-from fedrag_ray.data import QAExample, load_dataset_from_config, partition_examples
+from fedrag_ray.data import (
+    Passage,
+    QAExample,
+    eval_examples,
+    load_dataset_from_config,
+    partition_examples,
+)
 from fedrag_ray.federated.params import from_record, record_nbytes, to_record
 from fedrag_ray.knowledge_store import KnowledgeStore
-from fedrag_ray.methods import local_train
-from fedrag_ray.rag import RAGSystem
 from fedrag_ray.runtime import configure_process
+
+if TYPE_CHECKING:
+    from fedrag_ray.rag import RAGSystem
 
 SHARD_CACHE_SIZE = 32
 
@@ -61,6 +77,8 @@ class ClientRuntime:
     stores_root: Path
     system: RAGSystem
     train: list[QAExample]
+    eval: list[QAExample]
+    passages: list[Passage]
     partitions: list[list[int]]
     shards: OrderedDict[int, KnowledgeStore] = field(default_factory=OrderedDict)
     global_store: KnowledgeStore | None = None
@@ -69,15 +87,25 @@ class ClientRuntime:
     def examples(self, partition: int) -> list[QAExample]:
         return [self.train[i] for i in self.partitions[partition]]
 
+    def global_store_for_server(self) -> KnowledgeStore:
+        """The store over all passages (server-side evaluation; clients in ``global``
+        knowledge mode). Built here from the passage encoder if no run has saved it yet."""
+        if self.global_store is None:
+            path = global_store_path(self.cfg, self.stores_root)
+            if (path / "manifest.json").exists():
+                self.global_store = KnowledgeStore.load(path, self.system.retriever.dim)
+            else:
+                store = self.system.build_store(self.passages)
+                store.save(path)
+                self.global_store = store
+        return self.global_store
+
     def store_for(self, partition: int) -> KnowledgeStore:
         fed = self.cfg.federation
         assert fed is not None
         dim = self.system.retriever.dim
         if fed.knowledge == "global":
-            if self.global_store is None:
-                path = global_store_path(self.cfg, self.stores_root)
-                self.global_store = KnowledgeStore.load(path, dim)
-            return self.global_store
+            return self.global_store_for_server()
         if partition in self.shards:
             self.shards.move_to_end(partition)
             return self.shards[partition]
@@ -95,6 +123,8 @@ def get_runtime(cfg_json: str, stores_root: str) -> ClientRuntime:
     key = cfg_json + stores_root
     runtime = _RUNTIMES.get(key)
     if runtime is None:
+        from fedrag_ray.rag import RAGSystem
+
         cfg = config_from_dict(json.loads(cfg_json))
         assert cfg.federation is not None
         configure_process(threads=max(1, int(cfg.federation.client_resources.num_cpus)))
@@ -104,6 +134,8 @@ def get_runtime(cfg_json: str, stores_root: str) -> ClientRuntime:
             stores_root=Path(stores_root),
             system=RAGSystem(cfg),
             train=data.train,
+            eval=eval_examples(cfg, data),
+            passages=data.passages,
             partitions=client_partitions(cfg, data.train),
         )
         _RUNTIMES.clear()  # one experiment per process at a time
@@ -143,6 +175,37 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
         content = RecordDict({"metrics": MetricRecord({"partition-id": pid})})
         return Message(content, reply_to=msg)
 
+    @app.evaluate()
+    def server_task(msg: Message, context: Context) -> Message:
+        """Model work on behalf of the server (see the module docstring)."""
+        from fedrag_ray.evaluate import evaluate
+
+        config: ConfigRecord = msg.content["config"]
+        task = str(config["task"])
+        rt = get_runtime(cfg_json, stores_root)
+        t = time.perf_counter()
+        store = rt.global_store_for_server()
+        index_seconds = time.perf_counter() - t
+        if task == "prepare":
+            if rt.clients_served:
+                raise RuntimeError("prepare must run before any client trains in this actor")
+            content = {
+                "arrays": to_record(rt.system.trainable_state()),
+                "metrics": MetricRecord(
+                    {
+                        "full-model-bytes": rt.system.full_model_bytes(),
+                        "index-seconds": index_seconds,
+                        "num-passages": len(store),
+                    }
+                ),
+            }
+            return Message(RecordDict(content), reply_to=msg)
+        if task != "evaluate":
+            raise ValueError(f"unknown server task {task!r}")
+        rt.system.load_trainable_state(from_record(msg.content["arrays"]))
+        metrics = evaluate(rt.system, rt.eval, store)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
@@ -153,6 +216,8 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
             raise RuntimeError(f"injected fault in partition {pid}")
         if kill_on.get(pid) == server_round:
             os._exit(1)  # simulate a crashed actor process
+
+        from fedrag_ray.methods import local_train
 
         rt = get_runtime(cfg_json, stores_root)
         fed = rt.cfg.federation

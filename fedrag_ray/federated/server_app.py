@@ -1,11 +1,20 @@
 """The Flower ServerApp: fedrag_ray's round loop around a Flower strategy.
 
-Each round: sample clients (seeded by the round, so a resumed run samples the same
-ones) → ``strategy.configure_train`` → ``grid.send_and_receive`` → drop failed replies →
-``strategy.aggregate_train`` on the successful ones in partition order (float sums in a
-fixed order make resumed and uninterrupted runs bit-identical) → server-side evaluation
-every N rounds → atomic checkpoint. The results are written into a dict owned by the
-caller, because Flower's ``run_simulation`` returns nothing.
+Before round 1: discover partition → node, ask one client actor to *prepare* (build the
+global index if missing, return the initial trainable arrays), let the caller build the
+private shards from that index, evaluate the initial arrays. Each round: sample clients
+(seeded by the round, so a resumed run samples the same ones) → ``strategy.configure_train``
+→ ``grid.send_and_receive`` → drop failed replies → ``strategy.aggregate_train`` on the
+successful ones in partition order (float sums in a fixed order make resumed and
+uninterrupted runs bit-identical) → server-side evaluation every N rounds → atomic
+checkpoint. The results are written into a dict owned by the caller, because Flower's
+``run_simulation`` returns nothing.
+
+The server holds arrays, never a model: preparation and server-side evaluation are
+``evaluate`` messages that a client actor executes with the models it has cached anyway
+(``client_app.server_task``), so the driver process imports neither torch nor
+transformers. Such a message goes to the first partition's node and, if that fails, to
+the next ones.
 """
 
 from __future__ import annotations
@@ -21,8 +30,6 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedrag_ray.config import ExperimentConfig
-from fedrag_ray.data import QAExample
-from fedrag_ray.evaluate import evaluate
 from fedrag_ray.federated.checkpoint import (
     RoundCheckpoint,
     config_fingerprint,
@@ -36,8 +43,6 @@ from fedrag_ray.federated.strategies import (
     load_strategy_state,
     strategy_state,
 )
-from fedrag_ray.knowledge_store import KnowledgeStore
-from fedrag_ray.rag import RAGSystem
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -45,6 +50,7 @@ RoundCallback = Callable[[dict[str, Any]], None]
 # round's wall time up to the next 0.1 s; pulling is cheap (only this round's messages).
 PULL_INTERVAL_S = 0.01
 DISCOVERY_BATCH = 100  # query messages in flight at once during partition discovery
+SERVER_TASK_TRIES = 3  # nodes a prepare/evaluate message is tried on before giving up
 
 
 def process_tree_rss() -> int:
@@ -65,25 +71,24 @@ class FederatedServer:
         self,
         cfg: ExperimentConfig,
         cfg_json: str,
-        system: RAGSystem,
-        store: KnowledgeStore,
-        eval_set: list[QAExample],
         run_dir: str,
         results: dict[str, Any],
         resume: bool = False,
         on_round: RoundCallback | None = None,
+        prepare_knowledge: Callable[[], None] | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> None:
         assert cfg.federation is not None
         self.cfg = cfg
         self.fed = cfg.federation
-        self.system = system
-        self.store = store
-        self.eval_set = eval_set
         self.run_dir = run_dir
         self.results = results
         self.resume = resume
         self.on_round = on_round or (lambda _row: None)
+        self.prepare_knowledge = prepare_knowledge or (lambda: None)
+        self.phase = on_phase or (lambda _msg: None)
         self.fingerprint = config_fingerprint(cfg_json)
+        self.task_nodes: list[int] = []
 
     def discover(self, grid: Grid) -> dict[int, int]:
         """partition-id → node-id. Flower's node ids are random per run, partition ids are
@@ -111,9 +116,25 @@ class FederatedServer:
         chosen = rng.choice(self.fed.num_clients, size=self.fed.sampled, replace=False)
         return sorted(int(c) for c in chosen)
 
-    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        self.system.load_trainable_state(arrays)
-        return evaluate(self.system, self.eval_set, self.store)
+    def server_task(
+        self, grid: Grid, task: str, arrays: dict[str, np.ndarray] | None = None
+    ) -> Message:
+        """Run ``task`` (prepare / evaluate) on a client actor; the reply message."""
+        errors = []
+        for node in self.task_nodes[:SERVER_TASK_TRIES]:
+            content = RecordDict({"config": ConfigRecord({"task": task})})
+            if arrays is not None:
+                content["arrays"] = to_record(arrays)
+            msg = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+            for reply in grid.send_and_receive([msg], timeout=self.fed.round_timeout_s):
+                if not reply.has_error():
+                    return reply
+                errors.append(reply.error.reason)
+        raise RuntimeError(f"server task {task!r} failed on every node tried: {errors[:3]}")
+
+    def evaluate(self, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        reply = self.server_task(grid, "evaluate", arrays)
+        return {k: float(v) for k, v in reply.content["metrics"].items()}
 
     def run(self, grid: Grid) -> None:
         if hasattr(grid, "pull_interval"):  # InMemoryGrid (simulation)
@@ -121,22 +142,37 @@ class FederatedServer:
         strategy = build_strategy(self.fed.strategy)
         history: list[dict[str, Any]] = []
         start_round = 1
-        arrays = self.system.trainable_state()
+
+        t = time.perf_counter()
+        part_to_node = self.discover(grid)
+        self.results["discovery_seconds"] = time.perf_counter() - t
+        self.task_nodes = [part_to_node[p] for p in sorted(part_to_node)]
+
+        self.phase("preparing models and the global index on a client actor")
+        t = time.perf_counter()
+        prepared = self.server_task(grid, "prepare")
+        info = prepared.content["metrics"]
+        self.results["full_model_bytes"] = int(info["full-model-bytes"])
+        self.results["index_seconds"] = float(info["index-seconds"])
+        self.results["prepare_seconds"] = time.perf_counter() - t
+        arrays = from_record(prepared.content["arrays"])
+        t = time.perf_counter()
+        self.prepare_knowledge()
+        self.results["shards_seconds"] = time.perf_counter() - t
+
         if self.resume:
             ckpt = load_checkpoint(self.run_dir, self.fingerprint)
             arrays, history, start_round = ckpt.arrays, ckpt.history, ckpt.round + 1
             load_strategy_state(strategy, ckpt.strategy_state)
         else:
+            self.phase("evaluating the initial model")
             t = time.perf_counter()
             history.append(
-                {"round": 0, **self.evaluate(arrays), "seconds": time.perf_counter() - t}
+                {"round": 0, **self.evaluate(grid, arrays), "seconds": time.perf_counter() - t}
             )
             self.on_round(history[-1])
         self.results["resumed_from_round"] = start_round - 1
-
-        t = time.perf_counter()
-        part_to_node = self.discover(grid)
-        self.results["discovery_seconds"] = time.perf_counter() - t
+        self.results["first_round_started_at"] = time.time()
         min_ok = self.fed.min_successes or 1
 
         for server_round in range(start_round, self.fed.rounds + 1):
@@ -188,7 +224,7 @@ class FederatedServer:
             }
             if server_round % self.fed.eval_every == 0 or server_round == self.fed.rounds:
                 t = time.perf_counter()
-                row.update(self.evaluate(arrays))
+                row.update(self.evaluate(grid, arrays))
                 row["eval_seconds"] = time.perf_counter() - t
             row["peak_rss_bytes"] = process_tree_rss()
             row["seconds"] = time.perf_counter() - t0

@@ -1,8 +1,11 @@
 """Run a federated RAG fine-tuning simulation on Flower's Ray backend.
 
-Preparation happens once on the driver: data, the global index (embedded once and saved),
-per-client private shards (sliced from the same embeddings, saved, loaded lazily by
-whichever actor serves the client). Ray is started here (embedded, local) or joined
+The driver holds data, arrays and Flower's server loop — never a model: the global index
+is embedded once by a client actor (``client_app.server_task``) and saved; the per-client
+private shards are sliced from its embeddings here (NumPy and FAISS only), saved, and
+loaded lazily by whichever actor serves the client; server-side evaluation runs on an
+actor too. So this process imports neither torch nor transformers (``results.json``
+records ``driver_imported_torch``). Ray is started here (embedded, local) or joined
 (``address="auto"`` / ``HOST:PORT``); Flower's backend is asked for exactly the actor
 pool that fits (see ``ray_backend``) and leaves Ray running for its owner.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -22,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json
-from fedrag_ray.centralized import eval_examples, npz_bytes, prepare_store
+from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json, npz_bytes
 from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.data import RagDataset, load_dataset_from_config
 from fedrag_ray.federated.client_app import (
@@ -36,8 +39,7 @@ from fedrag_ray.federated.ray_backend import fedrag_backend
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
 from fedrag_ray.federated.server_app import FederatedServer, make_server_app, process_tree_rss
 from fedrag_ray.knowledge_store import KnowledgeStore
-from fedrag_ray.rag import RAGSystem
-from fedrag_ray.runtime import configure_process, seed_everything
+from fedrag_ray.runtime import configure_process
 
 SHARD_WRITERS = 8  # concurrent shard saves: the fsyncs of KnowledgeStore.save overlap
 
@@ -108,6 +110,10 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
         kwargs["address"] = address
     else:
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+        # Ray prestarts one idle Python worker per CPU for the first driver; the client
+        # actors never reuse them (they start with the job's runtime env), so they only
+        # sat there holding ~85 MiB each.
+        kwargs["_system_config"] = {"prestart_worker_first_driver": False}
     ray.init(**kwargs)
     return True
 
@@ -148,7 +154,6 @@ def run_federated(
     if resume and not (run_dir / "checkpoint" / "meta.json").exists():
         raise FileNotFoundError(f"--resume: {run_dir} holds no complete checkpoint")
     cfg_json = cfg.model_dump_json()
-    seed_everything(cfg.seed)
 
     # Join (or start) Ray and check that the client resources fit *before* the slow data
     # and model preparation, so an impossible request fails in seconds, not minutes.
@@ -158,36 +163,29 @@ def run_federated(
         slots = cluster_client_slots(fed.client_resources)
         num_actors = fed.num_actors or min(slots, fed.sampled)
 
-        phase("loading data and models")
+        phase("loading data")
         data = load_dataset_from_config(cfg.data)
-        system = RAGSystem(cfg)
         stores_root = Path(fed.shard_dir) if fed.shard_dir else run_dir / "stores"
-        global_path = global_store_path(cfg, stores_root)
-        phase(f"indexing {len(data.passages)} passages")
-        if (global_path / "manifest.json").exists():
-            store = KnowledgeStore.load(global_path, expected_dim=system.retriever.dim)
-            system.store = store
-        else:
-            store = prepare_store(system, data)
-            if not cfg.knowledge_store.path:  # prepare_store saved it there already
-                store.save(global_path)
-        shards_built = 0
-        if fed.knowledge != "global":
-            phase(f"building private shards for {fed.num_clients} clients")
-            shards_built = build_client_shards(cfg, data, store, stores_root)
-        setup_seconds = time.perf_counter() - t_start
+        shards_built: list[int] = []
 
+        def prepare_knowledge() -> None:
+            """After an actor saved the global index: slice the private shards from it."""
+            if fed.knowledge != "global":
+                phase(f"building private shards for {fed.num_clients} clients")
+                store = KnowledgeStore.load(global_store_path(cfg, stores_root))
+                shards_built.append(build_client_shards(cfg, data, store, stores_root))
+
+        setup_seconds = time.perf_counter() - t_start
         results: dict[str, Any] = {}
         server = FederatedServer(
             cfg,
             cfg_json,
-            system,
-            store,
-            eval_examples(cfg, data),
             str(run_dir),
             results,
             resume=resume,
             on_round=on_round,
+            prepare_knowledge=prepare_knowledge,
+            on_phase=phase,
         )
         backend_config = {
             "client_resources": ray_client_resources(fed.client_resources),
@@ -239,7 +237,7 @@ def run_federated(
         "bytes_per_round": float(np.mean([h["bytes_sent"] + h["bytes_received"] for h in rounds]))
         if rounds
         else 0.0,
-        "full_model_bytes": system.full_model_bytes(),
+        "full_model_bytes": results["full_model_bytes"],
         "trainable_bytes": int(sum(v.nbytes for v in results["final_arrays"].values())),
         "failures": int(sum(h["failed"] for h in rounds)),
         "actor_nodes": actor_nodes,
@@ -247,9 +245,14 @@ def run_federated(
             "setup_s": setup_seconds,
             "simulation_s": sim_seconds,
             "discovery_s": results.get("discovery_seconds", 0.0),
+            "prepare_s": results.get("prepare_seconds", 0.0),
+            "index_s": results.get("index_seconds", 0.0),
+            "shards_s": results.get("shards_seconds", 0.0),
+            "first_round_started_at": results.get("first_round_started_at"),
             "total_s": time.perf_counter() - t_start,
-            "shards_built": shards_built,
+            "shards_built": sum(shards_built),
         },
+        "driver_imported_torch": "torch" in sys.modules,
         "peak_rss_bytes": max([h.get("peak_rss_bytes", 0) for h in rounds] + [process_tree_rss()]),
         "config": json.loads(cfg_json),
     }
