@@ -318,7 +318,6 @@ def worker(spec_path: Path) -> None:
     me = psutil.Process()
     cpu0 = me.cpu_times()
     with RssSampler() as rss, LinkStateProbe(t0) as probe:
-        t_call = time.perf_counter() - t0
         summary = run_federated(
             cfg,
             output=spec["run_dir"],
@@ -330,13 +329,12 @@ def worker(spec_path: Path) -> None:
     summary.pop("final_arrays", None)
     shard_s = None
     if cfg.federation is not None and cfg.federation.knowledge != "global":
-        start = next(t for t, m in phases if m.startswith("building private shards"))
-        shard_s = t_call + summary["timings"]["setup_s"] - start
-    # Discovery = the replies after round 0's evaluation and before round 1's.
-    t_disc = next(t for t, m in phases if m == "round 0 done")
-    disc = [
-        t for t in probe.reply_times if t_disc <= t <= t_disc + summary["timings"]["discovery_s"]
-    ]
+        shard_s = summary["timings"]["shards_s"]  # sliced on the driver after `prepare`
+    # Discovery = the replies in the discovery_s before the server's `prepare` phase (it
+    # runs first, while the actors start).
+    t_disc_end = next(t for t, m in phases if m.startswith("preparing models"))
+    t_disc = t_disc_end - summary["timings"]["discovery_s"]
+    disc = [t for t in probe.reply_times if t_disc <= t <= t_disc_end]
     out = {
         "summary": summary,
         "discovery_first_reply_s": disc[0] - t_disc if disc else None,
