@@ -315,3 +315,42 @@ def test_flower_backend_hooks_still_exist():
     with fedrag_backend():
         assert raybackend.RayBackend is FedRagRayBackend
     assert raybackend.RayBackend is not FedRagRayBackend
+
+
+def test_server_task_moves_to_the_next_node_when_an_actor_fails():
+    """prepare/evaluate run on a client actor: an error reply from one node sends the task
+    to the next node; when every node tried fails, the error names the task and reasons."""
+    from flwr.app import Error, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrag_ray.federated.server_app import SERVER_TASK_TRIES, FederatedServer
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+    class Grid:
+        def __init__(self, failing: set[int]) -> None:
+            self.failing, self.sent = failing, []
+
+        def send_and_receive(self, messages, timeout=None):
+            for m in messages:
+                self.sent.append((m.metadata.dst_node_id, str(m.content["config"]["task"])))
+                if m.metadata.dst_node_id in self.failing:
+                    yield Message(
+                        Error(code=0, reason=f"actor on {m.metadata.dst_node_id} died"), reply_to=m
+                    )
+                else:
+                    metrics = MetricRecord({"recall@5": 0.5, "n": 4.0})
+                    yield Message(RecordDict({"metrics": metrics}), reply_to=m)
+
+    cfg = config_from_dict(tiny({"num_clients": 4}))
+    server = FederatedServer(cfg, cfg.model_dump_json(), "/nonexistent", {})
+    server.task_nodes = [11, 12, 13, 14]
+    grid = Grid(failing={11})
+    arrays = {"generator.w": np.zeros((2, 2), np.float32)}
+    assert server.evaluate(grid, arrays) == {"recall@5": 0.5, "n": 4.0}
+    assert grid.sent == [(11, "evaluate"), (12, "evaluate")]
+
+    grid = Grid(failing={11, 12, 13, 14})
+    with pytest.raises(RuntimeError, match="'evaluate' failed.*actor on 11 died"):
+        server.evaluate(grid, arrays)
+    assert [n for n, _ in grid.sent] == [11, 12, 13, 14][:SERVER_TASK_TRIES]
