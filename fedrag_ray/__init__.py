@@ -38,6 +38,7 @@ _EXPORTS = {
     "RagAnswer": "fedrag_ray.rag",
     "RAGSystem": "fedrag_ray.rag",
     "BiEncoderRetriever": "fedrag_ray.retriever",
+    "TextEncoder": "fedrag_ray.text_encoder",
     "run_federated": "fedrag_ray.federated.simulation",
     "run_sweep": "fedrag_ray.tune",
 }
@@ -67,6 +68,7 @@ __all__ = [
     "RAGSystem",
     "RagAnswer",
     "RagDataset",
+    "TextEncoder",
     "config_from_dict",
     "evaluate",
     "exact_match",
