@@ -73,11 +73,6 @@ class BiEncoderRetriever:
     def trains(self) -> bool:
         return self.cfg.train != "none"
 
-    @property
-    def shares_base(self) -> bool:
-        """Query and passage side are one model (LoRA on the query side, or nothing trains)."""
-        return self.query_encoder is self.passage_encoder
-
     def encode_passages(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         enc = self.passage_encoder
         with enc.adapter_disabled():  # a no-op unless LoRA sits on the shared base

@@ -121,10 +121,11 @@ class FederatedServer:
     ) -> Message:
         """Run ``task`` (prepare / evaluate) on a client actor; the reply message."""
         errors = []
+        record = to_record(arrays) if arrays is not None else None
         for node in self.task_nodes[:SERVER_TASK_TRIES]:
             content = RecordDict({"config": ConfigRecord({"task": task})})
-            if arrays is not None:
-                content["arrays"] = to_record(arrays)
+            if record is not None:
+                content["arrays"] = record
             msg = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
             for reply in grid.send_and_receive([msg], timeout=self.fed.round_timeout_s):
                 if not reply.has_error():
