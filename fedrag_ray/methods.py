@@ -14,6 +14,7 @@ a federated client calls it once per round, so both execute the same step functi
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedrag_ray.config import TrainConfig
 from fedrag_ray.data import QAExample
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.rag import RAGSystem
@@ -32,42 +34,103 @@ def ralt_loss(system: RAGSystem, batch: list[QAExample], store: KnowledgeStore) 
     _, idx = system.retrieve([ex.question for ex in batch], k, store)
     prompts, answers = [], []
     for ex, row in zip(batch, idx, strict=True):
+        reserve = system.answer_reserve(ex.answer)
         for i in row[row >= 0]:
-            prompts.append(system.prompt(ex.question, store.passages[i].text))
+            prompts.append(system.prompt(ex.question, store.passages[i].text, reserve))
             answers.append(ex.answer)
     return system.generator.loss(prompts, answers)
 
 
 def lsr_distributions(
     system: RAGSystem, batch: list[QAExample], store: KnowledgeStore
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p_R with grad, log p_LM without grad), both shaped (batch, k)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p_R with grad, log p_LM without grad, valid), all shaped (batch, k).
+
+    ANN indexes may return fewer than k hits (index -1): those entries are masked out of
+    both distributions (log-prob -inf, ``valid`` False) instead of crashing or scoring
+    passage -1. Both live on the query encoder's device."""
+    from fedrag_ray.generator import eval_mode
+
     cfg = system.cfg.train.lsr
     q = system.retriever.encode_queries_train([ex.question for ex in batch])  # (B, d)
     k = min(cfg.k, len(store))
-    _, idx = store.search(q.detach().cpu().numpy(), k)
-    if (idx < 0).any():
-        raise RuntimeError("LSR needs k real passages per question; lower train.lsr.k")
-    p_emb = torch.from_numpy(store.embeddings[idx]).to(q.device)  # (B, k, d), fixed
-    sim = torch.einsum("bd,bkd->bk", q, p_emb)
-    log_p_r = F.log_softmax(sim / cfg.tau, dim=-1)
-    with torch.no_grad():
-        prompts = [
-            system.prompt(ex.question, store.passages[i].text)
-            for ex, row in zip(batch, idx, strict=True)
-            for i in row
-        ]
-        answers = [ex.answer for ex in batch for _ in range(k)]
-        system.generator.model.eval()
+    _, idx = store.search(q.detach().float().cpu().numpy(), k)
+    valid_np = idx >= 0
+    valid = torch.from_numpy(valid_np).to(q.device)
+    p_emb = torch.from_numpy(store.embeddings[np.where(valid_np, idx, 0)]).to(q.device)
+    sim = torch.einsum("bd,bkd->bk", q, p_emb.to(q.dtype))
+    log_p_r = F.log_softmax((sim / cfg.tau).masked_fill(~valid, float("-inf")), dim=-1)
+    with torch.no_grad(), eval_mode(system.generator.model):
+        pairs = [(b, j) for b in range(len(batch)) for j in range(k) if valid_np[b, j]]
+        prompts, answers = [], []
+        for b, j in pairs:
+            ex = batch[b]
+            reserve = system.answer_reserve(ex.answer)
+            prompts.append(system.prompt(ex.question, store.passages[idx[b, j]].text, reserve))
+            answers.append(ex.answer)
         lm_logp, _ = system.generator.answer_logprobs(prompts, answers)
-        log_p_lm = F.log_softmax(lm_logp.view(len(batch), k) / cfg.beta, dim=-1)
-    return log_p_r, log_p_lm
+        scores = torch.full((len(batch), k), float("-inf"), device=q.device)
+        rows = torch.tensor([b for b, _ in pairs], device=q.device)
+        cols = torch.tensor([j for _, j in pairs], device=q.device)
+        scores[rows, cols] = lm_logp.float().to(q.device) / cfg.beta
+        log_p_lm = F.log_softmax(scores, dim=-1)
+    return log_p_r, log_p_lm, valid
 
 
 def lsr_loss(system: RAGSystem, batch: list[QAExample], store: KnowledgeStore) -> torch.Tensor:
-    log_p_r, log_p_lm = lsr_distributions(system, batch, store)
-    # KL(p_LM || p_R) = sum p_LM (log p_LM - log p_R), averaged over questions.
-    return F.kl_div(log_p_r, log_p_lm, log_target=True, reduction="batchmean")
+    """KL(p_LM || p_R) = sum p_LM (log p_LM - log p_R), averaged over the questions that
+    have at least two real passages (with one, both distributions are 1 and KL is 0)."""
+    log_p_r, log_p_lm, valid = lsr_distributions(system, batch, store)
+    rows = valid.sum(dim=1) >= 2
+    if not bool(rows.any()):
+        return (log_p_r.masked_fill(~valid, 0.0) * 0.0).sum()  # no signal, keeps the graph
+    terms = torch.where(valid, log_p_lm.exp() * (log_p_lm - log_p_r), torch.zeros_like(log_p_r))
+    return terms[rows].sum(dim=1).mean()
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at global step ``step`` of ``total``: linear
+    warmup over ``warmup_steps``, then constant, linear or cosine decay to
+    ``min_lr_ratio``."""
+    warm = cfg.warmup_steps
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    low = cfg.min_lr_ratio
+    if cfg.lr_schedule == "linear":
+        return 1.0 - (1.0 - low) * progress
+    return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(system: RAGSystem) -> torch.optim.Optimizer:
+    """AdamW over what the method trains: generator LoRA at ``lr``, the query encoder at
+    ``retriever_lr``."""
+    cfg = system.cfg.train
+    modules = system.trainable_modules()
+    groups = []
+    if "generator" in modules:
+        gen_params = [p for p in modules["generator"].parameters() if p.requires_grad]
+        groups.append({"params": gen_params, "lr": cfg.lr})
+    if "retriever" in modules:
+        groups.append(
+            {
+                "params": [p for p in modules["retriever"].parameters() if p.requires_grad],
+                "lr": cfg.retriever_lr,
+            }
+        )
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, start_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's schedule, entered at ``start_step`` (a federated client in round r starts
+    at (r - 1) x local steps of the run's rounds x local steps)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(start_step + s, total_steps, cfg)
+    )
 
 
 @dataclass
@@ -108,11 +171,21 @@ def local_train(
     steps: int | None = None,
     proximal_mu: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    start_step: int = 0,
+    total_steps: int | None = None,
 ) -> LocalTrainResult:
     """Train the system's trainable parameters on ``examples`` in place.
 
     ``key`` seeds the batch order: centralized epoch e uses (0, e); a federated client
-    uses (partition, round - 1). ``proximal_mu`` > 0 adds FedProx's mu/2 ||w - w_global||^2.
+    uses (partition, round - 1). ``start_step`` is the global step this call begins at:
+    ``both_mode: alternate`` alternates RALT/LSR on the *global* step (so one local step
+    per round still alternates across rounds) and the LR schedule is read there.
+    A centralized run passes its one ``optimizer``/``scheduler`` to every call; without
+    them a fresh AdamW is made (a federated client's per-round optimizer) with the
+    schedule over ``total_steps`` (default: this call's steps). ``proximal_mu`` > 0 adds
+    FedProx's mu/2 ||w - w_global||^2.
     """
     cfg = system.cfg.train
     start = time.perf_counter()
@@ -120,25 +193,17 @@ def local_train(
     # key so a client's update does not depend on which clients its actor served before
     # (resumed and uninterrupted runs then match).
     torch.manual_seed(int(np.random.default_rng([system.cfg.seed, *key]).integers(2**31)))
-    modules = system.trainable_modules()
-    groups = []
-    if "generator" in modules:
-        gen_params = [p for p in modules["generator"].parameters() if p.requires_grad]
-        groups.append({"params": gen_params, "lr": cfg.lr})
-    if "retriever" in modules:
-        groups.append(
-            {
-                "params": [p for p in modules["retriever"].parameters() if p.requires_grad],
-                "lr": cfg.retriever_lr,
-            }
-        )
-    params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    order = batches_for(len(examples), cfg.batch_size, system.cfg.seed, key, epochs, steps)
+    if optimizer is None:
+        optimizer = make_optimizer(system)
+        total = total_steps or (start_step + len(order))
+        scheduler = make_scheduler(optimizer, cfg, total, start_step)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
 
     result = LocalTrainResult()
-    order = batches_for(len(examples), cfg.batch_size, system.cfg.seed, key, epochs, steps)
     for step, idx in enumerate(order):
+        global_step = start_step + step
         batch = [examples[i] for i in idx]
         system.generator.model.train()
         if cfg.method == "ralt":
@@ -147,7 +212,7 @@ def local_train(
             loss = lsr_loss(system, batch, store)
         elif cfg.both_mode == "combined":
             loss = ralt_loss(system, batch, store) + lsr_loss(system, batch, store)
-        elif step % 2 == 0:
+        elif global_step % 2 == 0:
             loss = ralt_loss(system, batch, store)
         else:
             loss = lsr_loss(system, batch, store)
@@ -159,6 +224,8 @@ def local_train(
         objective.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         result.losses.append(float(loss.detach()))
         result.steps += 1
         result.num_examples += len(batch)

@@ -37,13 +37,16 @@ class RAGSystem:
         generator: Generator | None = None,
         store: KnowledgeStore | None = None,
     ) -> None:
+        from fedrag_ray.generator import resolve_device
+
         self.cfg = cfg
+        self.device = resolve_device(cfg.device)
         rcfg = cfg.retriever
         if cfg.train.method == "ralt" and rcfg.train != "none":
             # RALT never updates the retriever: one encoder copy instead of two.
             rcfg = rcfg.model_copy(update={"train": "none"})
-        self.retriever = retriever or BiEncoderRetriever(rcfg, cfg.seed)
-        self.generator = generator or Generator(cfg.generator, cfg.seed)
+        self.retriever = retriever or BiEncoderRetriever(rcfg, cfg.seed, self.device)
+        self.generator = generator or Generator(cfg.generator, cfg.seed, self.device)
         self.store = store
 
     # ------------------------------------------------------------------ knowledge
@@ -68,19 +71,68 @@ class RAGSystem:
             raise RuntimeError("no knowledge store: call build_store() or load one")
         return store.search(self.retriever.encode_queries(questions), k)
 
-    def prompt(self, question: str, passage: str) -> str:
-        return self.cfg.rag.prompt_template.format(passage=passage, question=question)
+    def prompt(self, question: str, passages: str | list[str] | None, reserve: int = 8) -> str:
+        """The prompt for ``question`` with ``passages`` (rank order) fitted by
+        :meth:`fit_passages`, wrapped in the chat template if enabled."""
+        kept = self.fit_passages(question, passages, reserve)
+        template = self.cfg.rag.prompt_template
+        return self.generator.format_prompt(
+            template.format(passage="\n".join(kept), question=question)
+        )
+
+    def fit_passages(
+        self, question: str, passages: str | list[str] | None, reserve: int = 8
+    ) -> list[str]:
+        """The one context policy (training, evaluation, ``ask``): passages in rank order
+        fill the template's ``{passage}`` until the prompt plus ``reserve`` answer tokens
+        would exceed ``generator.max_length``; the passage that overflows is cut to fit
+        and lower-ranked ones are dropped, so the lowest-ranked text goes first and the
+        question is never cut. Returns the passage texts that go in."""
+        gen = self.generator
+        template = self.cfg.rag.prompt_template
+        if isinstance(passages, str):
+            passages = [passages]
+        passages = [p for p in (passages or []) if p]
+        empty = gen.format_prompt(template.format(passage="", question=question))
+        # 2 tokens of slack: a seam between passage and template may tokenize differently
+        budget = (
+            self.cfg.generator.max_length
+            - reserve
+            - gen.count_tokens(empty)
+            - len(gen.prefix_ids)
+            - 2
+        )
+        kept: list[str] = []
+        for text in passages:
+            sep = 1 if kept else 0  # the "\n" between passages
+            need = gen.count_tokens(text) + sep
+            if need <= budget:
+                kept.append(text)
+                budget -= need
+                continue
+            cut = gen.truncate_tokens(text, budget - sep)
+            if cut:
+                kept.append(cut)
+            break
+        return kept
+
+    def answer_reserve(self, answer: str) -> int:
+        """Tokens to keep free for ``answer`` (and its end-of-turn) when fitting a prompt."""
+        return min(self.generator.count_tokens(answer) + 2, self.cfg.generator.max_length // 2)
 
     def answer(self, question: str, k: int | None = None) -> RagAnswer:
-        """Retrieve → prompt (top-k passages as context) → greedy generation."""
-        k = k or self.cfg.rag.top_k
+        """Retrieve → prompt (the top ``rag.generate_passages`` within the length budget)
+        → greedy generation; returns the passages that were actually in the prompt."""
+        k = k or self.cfg.rag.generate_passages
         scores, idx = self.retrieve([question], k)
-        passages = self.store.get(idx)[0]
-        context = "\n".join(p.text for p in passages)
-        text = self.generator.generate(
-            [self.prompt(question, context)], self.cfg.rag.max_new_tokens
-        )
-        return RagAnswer(question, text[0], passages, scores[0][: len(passages)].tolist())
+        valid = idx[0] >= 0
+        passages = self.store.get(idx[:, valid])[0]
+        reserve = self.cfg.rag.max_new_tokens
+        kept = self.fit_passages(question, [p.text for p in passages], reserve)
+        used = passages[: len(kept)]
+        prompt = self.prompt(question, kept, reserve)
+        text = self.generator.generate([prompt], reserve)
+        return RagAnswer(question, text[0], used, scores[0][valid][: len(used)].tolist())
 
     # ------------------------------------------------------------------ trainable state
 

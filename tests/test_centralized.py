@@ -27,7 +27,7 @@ def centralized_run(tmp_path_factory):
             "seed": 3,
             "data": {"path": str(data), "max_train": 8, "max_eval": 4},
             "retriever": {"max_length": 64},
-            "generator": {"max_length": 64},
+            "generator": {"model": "tiny-random", "max_length": 64},
             "knowledge_store": {"path": str(tmp / "index")},
             "rag": {"max_new_tokens": 4},
             "train": {"method": "ralt", "batch_size": 4, "lr": 5e-3},

@@ -204,7 +204,7 @@ def tiny_config(tmp_path_factory) -> Path:
         "name": "cluster-tiny",
         "data": {"max_train": 16, "max_eval": 4},
         "eval": {"generate": False},
-        "generator": {"max_length": 96},
+        "generator": {"model": "tiny-random", "max_length": 96},
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
         "federation": {
             "num_clients": NUM_CLIENTS,

@@ -12,6 +12,7 @@ from fedrag_ray.evaluate import (
     evaluate,
     exact_match,
     label_predictions,
+    option_reserve,
     mean_reciprocal_rank,
     normalize_answer,
     recall_at_k,
@@ -73,7 +74,7 @@ def eval_system(retriever, generator, small_store):
 
     cfg = config_from_dict(
         {
-            "generator": {"max_length": 64},
+            "generator": {"model": "tiny-random", "max_length": 64},
             "rag": {"top_k": 3, "max_new_tokens": 4},
             "eval": {"k_values": [1, 3, 10]},
         }
@@ -118,13 +119,14 @@ def test_label_predictions_is_the_replug_mixture(eval_system, small_corpus, smal
     scores, idx = system.retrieve(questions, 3)
     ctx = [[small_store.passages[i].text for i in row] for row in idx]
     w = torch.softmax(torch.from_numpy(scores) / system.cfg.train.lsr.tau, dim=-1)
+    reserve = option_reserve(system, options)
     expected = []
     with torch.no_grad():
         for qi, q in enumerate(questions):
             mix = []
             for o in options:
                 lp, _ = system.generator.answer_logprobs(
-                    [system.prompt(q, c) for c in ctx[qi]], [o] * 3
+                    [system.prompt(q, c, reserve) for c in ctx[qi]], [o] * 3
                 )
                 mix.append(torch.logsumexp(torch.log(w[qi]) + lp, 0))
             expected.append(options[int(torch.stack(mix).argmax())])
@@ -134,5 +136,5 @@ def test_label_predictions_is_the_replug_mixture(eval_system, small_corpus, smal
     closed = label_predictions(system, questions, None, None, options)
     with torch.no_grad():
         for q, pred in zip(questions, closed, strict=True):
-            lp, _ = system.generator.answer_logprobs([system.prompt(q, "")] * 3, options)
+            lp, _ = system.generator.answer_logprobs([system.prompt(q, "", reserve)] * 3, options)
             assert pred == options[int(lp.argmax())]

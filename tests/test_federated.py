@@ -39,7 +39,7 @@ def tiny(federation: dict | None = None, **overrides) -> dict:
         "name": "tiny",
         "data": {"path": TINY_DATA["path"], "max_train": 16, "max_eval": 4},
         "eval": {"generate": False},
-        "generator": {"max_length": 96},
+        "generator": {"model": "tiny-random", "max_length": 96},
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
     }
     if federation is not None:
@@ -74,6 +74,7 @@ def test_simulate_cli_default_config_8_clients_3_rounds(tmp_path, tiny_data):
         "data.max_eval": 6,
         "eval.generate": "false",
         "generator.max_length": 128,
+        "generator.model": "tiny-random",
     }
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     proc = cli("simulate", "quickstart", "--output", str(out), *args)

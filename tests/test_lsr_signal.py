@@ -62,8 +62,9 @@ def _system() -> RAGSystem:
         {
             "retriever": {"train": "lora"},
             "generator": {
+                "model": "tiny-random",
                 "max_length": 48,
-                "default_spec": {"hidden_size": 128, "num_heads": 4, "num_layers": 2},
+                "tiny_spec": {"hidden_size": 128, "num_heads": 4, "num_layers": 2},
             },
             "train": {
                 "method": "lsr",

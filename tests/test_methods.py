@@ -40,7 +40,8 @@ def test_lsr_distributions_and_kl_by_hand(make_system, examples, small_store):
     system = make_system(**{"train.method": "lsr", "train.lsr.k": 4, "train.lsr.tau": 0.1})
     batch = examples[:3]
     torch.manual_seed(0)  # same dropout mask in both calls below
-    log_p_r, log_p_lm = lsr_distributions(system, batch, small_store)
+    log_p_r, log_p_lm, valid = lsr_distributions(system, batch, small_store)
+    assert bool(valid.all())  # exact index: k real hits
     assert log_p_r.shape == log_p_lm.shape == (3, 4)
     assert log_p_r.grad_fn is not None and log_p_r.requires_grad
     assert log_p_lm.grad_fn is None and not log_p_lm.requires_grad
@@ -63,7 +64,7 @@ def test_lsr_distributions_and_kl_by_hand(make_system, examples, small_store):
     q = system.retriever.encode_queries_train([ex.question for ex in batch])
     _, idx = small_store.search(q.detach().numpy(), 4)
     prompts = [
-        system.prompt(ex.question, small_store.passages[i].text)
+        system.prompt(ex.question, small_store.passages[i].text, system.answer_reserve(ex.answer))
         for ex, row in zip(batch, idx, strict=True)
         for i in row
     ]
@@ -87,7 +88,7 @@ def lsr_run(retriever, generator, small_store, examples):
 
     cfg = config_from_dict(
         {
-            "generator": {"max_length": 64},
+            "generator": {"model": "tiny-random", "max_length": 64},
             "train": {
                 "method": "lsr",
                 "batch_size": 4,
@@ -140,7 +141,9 @@ def test_ralt_loss_pairs_each_passage_separately(make_system, examples, small_st
         loss = ralt_loss(system, batch, small_store)
         _, idx = system.retrieve([ex.question for ex in batch], 3)
         prompts = [
-            system.prompt(ex.question, small_store.passages[i].text)
+            system.prompt(
+                ex.question, small_store.passages[i].text, system.answer_reserve(ex.answer)
+            )
             for ex, row in zip(batch, idx, strict=True)
             for i in row
         ]
@@ -157,7 +160,7 @@ def ralt_run(retriever, generator, small_store, examples):
     from fedrag_ray.rag import RAGSystem
 
     cfg = config_from_dict(
-        {"generator": {"max_length": 64}, "train": {"method": "ralt", "batch_size": 4, "lr": 5e-3}}
+        {"generator": {"model": "tiny-random", "max_length": 64}, "train": {"method": "ralt", "batch_size": 4, "lr": 5e-3}}
     )
     system = RAGSystem(
         cfg,

@@ -1,5 +1,6 @@
-"""Retriever (MiniLM bi-encoder, full / LoRA / frozen) and generator (default offline LM,
-RALT answer-only masking, 4-bit NF4 and 8-bit QLoRA on CPU) with the real libraries."""
+"""Retriever (MiniLM bi-encoder, full / LoRA / frozen) and the tiny-random generator (RALT
+answer-only masking on left-padded rows, 4-bit NF4 and 8-bit QLoRA on CPU) with the real
+libraries. The real default generator (SmolLM2) is tested in test_generator_real.py."""
 
 from __future__ import annotations
 
@@ -10,13 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedrag_ray.config import DefaultGeneratorSpec, GeneratorConfig, RetrieverConfig
-from fedrag_ray.generator import (
-    Generator,
-    build_default_generator,
-    default_generator_dir,
-    minilm_path,
-)
+from fedrag_ray.config import GeneratorConfig, RetrieverConfig, TinyGeneratorSpec
+from fedrag_ray.generator import Generator
+from fedrag_ray.models import build_tiny_generator, minilm_path, tiny_generator_dir
 from fedrag_ray.retriever import BiEncoderRetriever
 
 TEXTS = [
@@ -164,14 +161,14 @@ def test_frozen_retriever_keeps_one_encoder():
     assert not _trainable(r.query_encoder)
 
 
-# --------------------------------------------------------------------------- default generator
+# --------------------------------------------------------------------------- tiny generator
 
 
-def test_default_generator_is_deterministic_in_seed(tmp_path):
-    spec = DefaultGeneratorSpec(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+def test_tiny_generator_is_deterministic_in_seed(tmp_path):
+    spec = TinyGeneratorSpec(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
     weights = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        out = build_default_generator(spec, seed, tmp_path / name)
+        out = build_tiny_generator(spec, seed, tmp_path / name)
         assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
         weights[name] = load_file(str(out / "model.safetensors"))
     assert weights["a"].keys() == weights["b"].keys()
@@ -181,18 +178,18 @@ def test_default_generator_is_deterministic_in_seed(tmp_path):
     assert any("proj" in k for k in differ)
     # idempotent: an existing directory is reused, not rebuilt
     stamp = (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns
-    build_default_generator(spec, 5, tmp_path / "a")
+    build_tiny_generator(spec, 5, tmp_path / "a")
     assert (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns == stamp
-    assert default_generator_dir(spec, 0) == default_generator_dir(spec, 0)
-    assert default_generator_dir(spec, 0) != default_generator_dir(spec, 1)
-    assert default_generator_dir(spec, 0) != default_generator_dir(DefaultGeneratorSpec(), 0)
+    assert tiny_generator_dir(spec, 0) == tiny_generator_dir(spec, 0)
+    assert tiny_generator_dir(spec, 0) != tiny_generator_dir(spec, 1)
+    assert tiny_generator_dir(spec, 0) != tiny_generator_dir(TinyGeneratorSpec(), 0)
 
 
 def test_generator_built_into_temp_cache_with_seeded_lora(generator, fedrag_cache):
-    spec = generator.cfg.default_spec
-    assert default_generator_dir(spec, 0).is_relative_to(fedrag_cache)
-    assert (default_generator_dir(spec, 0) / "config.json").exists()
-    again = Generator(GeneratorConfig(max_length=64), seed=0)
+    spec = generator.cfg.tiny_spec
+    assert tiny_generator_dir(spec, 0).is_relative_to(fedrag_cache)
+    assert (tiny_generator_dir(spec, 0) / "config.json").exists()
+    again = Generator(GeneratorConfig(model="tiny-random", max_length=64, autocast="none"))
     for (n1, p1), (n2, p2) in zip(
         generator.model.named_parameters(), again.model.named_parameters(), strict=True
     ):
@@ -216,29 +213,33 @@ ANSWERS = ["yes", "no it is not", "blue"]
 
 
 def _expected_rows(gen: Generator, prompts, answers):
+    """(prompt ids, answer ids) built independently: WordPiece splits on whitespace, so
+    the joint tokenization is prompt tokens + answer tokens; [CLS] first, [SEP] closes."""
     rows = []
     for p, a in zip(prompts, answers, strict=True):
-        p_ids = gen.tokenizer(p, add_special_tokens=False)["input_ids"]
-        a_ids = gen.tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [gen.eos_id]
+        p_ids = gen.tokenizer(p, add_special_tokens=True)["input_ids"][:-1]  # [CLS] ... no [SEP]
+        a_ids = gen.tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [gen.end_id]
         rows.append((p_ids, a_ids))
     return rows
 
 
 def test_encode_pairs_labels_only_answer_tokens(generator):
-    ids, mask, labels = generator.encode_pairs(PROMPTS, ANSWERS)
+    ids, mask, pos, labels = generator.encode_pairs(PROMPTS, ANSWERS)
     expected = _expected_rows(generator, PROMPTS, ANSWERS)
+    assert generator.prefix_ids == [generator.tokenizer.cls_token_id]
     width = max(len(p) + len(a) for p, a in expected)
-    assert ids.shape == mask.shape == labels.shape == (3, width)
+    assert ids.shape == mask.shape == labels.shape == pos.shape == (3, width)
     pad = generator.tokenizer.pad_token_id
     for i, (p, a) in enumerate(expected):
         n = len(p) + len(a)
-        assert ids[i, :n].tolist() == p + a
-        assert mask[i, :n].tolist() == [1] * n and mask[i, n:].sum() == 0
-        assert ids[i, n:].tolist() == [pad] * (width - n)
-        assert labels[i, : len(p)].tolist() == [-100] * len(p)  # every prompt token masked
-        assert labels[i, len(p) : n].tolist() == a  # answer tokens + EOS
-        assert labels[i, n:].tolist() == [-100] * (width - n)
-        assert a[-1] == generator.eos_id and len(a) >= 2
+        lead = width - n  # left padding: every answer ends at the last position
+        assert ids[i, lead:].tolist() == p + a
+        assert mask[i, lead:].tolist() == [1] * n and mask[i, :lead].sum() == 0
+        assert ids[i, :lead].tolist() == [pad] * lead
+        assert pos[i, lead:].tolist() == list(range(n))  # positions start at 0 per row
+        assert labels[i, : lead + len(p)].tolist() == [-100] * (lead + len(p))
+        assert labels[i, lead + len(p) :].tolist() == a  # answer tokens + end-of-turn
+        assert a[-1] == generator.end_id and len(a) >= 2
 
 
 def test_encode_pairs_truncates_prompt_from_the_left(generator):
@@ -247,7 +248,7 @@ def test_encode_pairs_truncates_prompt_from_the_left(generator):
     long_prompt = (
         "context: " + " ".join(f"word{i}" for i in range(60)) + "\nquestion: why?\nanswer:"
     )
-    ids, mask, labels = short.encode_pairs([long_prompt], ["because"])
+    ids, mask, pos, labels = short.encode_pairs([long_prompt], ["because"])
     ((p, a),) = _expected_rows(generator, [long_prompt], ["because"])
     assert ids.shape[1] == 24
     assert ids[0].tolist() == p[-(24 - len(a)) :] + a  # the question end of the prompt survives
@@ -255,15 +256,15 @@ def test_encode_pairs_truncates_prompt_from_the_left(generator):
 
 
 def _hand_loss(gen: Generator, prompts, answers) -> torch.Tensor:
-    """Cross entropy over answer positions only, from the raw logits, in float64."""
-    ids, mask, _ = gen.encode_pairs(prompts, answers)
-    with torch.no_grad():
-        logits = gen.model(input_ids=ids, attention_mask=mask).logits.double()
+    """Cross entropy over answer positions only, from each row's full unpadded logits
+    (no logits_to_keep, no padding), in float64."""
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for i, (p, a) in enumerate(_expected_rows(gen, prompts, answers)):
+    for p, a in _expected_rows(gen, prompts, answers):
+        ids = torch.tensor([p + a])
+        with torch.no_grad():
+            logits = gen.model(input_ids=ids).logits.double()[0]
         for j, tok in enumerate(a):
-            pos = len(p) + j  # position of the answer token; predicted from pos - 1
-            row = logits[i, pos - 1]
+            row = logits[len(p) + j - 1]  # the answer token at len(p)+j is predicted there
             total += torch.logsumexp(row, 0) - row[tok]
             count += 1
     return total / count
@@ -282,10 +283,13 @@ def test_loss_equals_hand_computed_answer_only_cross_entropy(generator):
     hand = _hand_loss(gen, PROMPTS, ANSWERS)
     assert float(loss) == pytest.approx(float(hand), rel=1e-5)
     # the mask matters: a loss over every token is a different number
-    ids, mask, _ = gen.encode_pairs(PROMPTS, ANSWERS)
+    ids, mask, pos, _ = gen.encode_pairs(PROMPTS, ANSWERS)
     with torch.no_grad():
         full = gen.model(
-            input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            labels=ids.masked_fill(mask == 0, -100),
         ).loss
     assert abs(float(full) - float(hand)) > 1e-3
     # answer_logprobs: per-example sums that add back up to the same mean
@@ -350,7 +354,7 @@ def _qlora_train_check(gen: Generator, steps: int = 8) -> None:
 def test_qlora_4bit_nf4_trains_on_cpu():
     import bitsandbytes as bnb
 
-    gen = Generator(GeneratorConfig(quantization="4bit", max_length=64), seed=0)
+    gen = Generator(GeneratorConfig(model="tiny-random", quantization="4bit", max_length=64))
     base = gen.model.get_base_model()
     layer = base.model.layers[0]
     quantized = [
@@ -376,7 +380,7 @@ def test_qlora_8bit_trains_on_cpu():
     the int8 matmul in torch), so 8-bit QLoRA works on CPU, just without speed gains."""
     import bitsandbytes as bnb
 
-    gen = Generator(GeneratorConfig(quantization="8bit", max_length=64), seed=0)
+    gen = Generator(GeneratorConfig(model="tiny-random", quantization="8bit", max_length=64))
     layer = gen.model.get_base_model().model.layers[0]
     assert isinstance(layer.self_attn.q_proj.base_layer, bnb.nn.Linear8bitLt)
     assert isinstance(layer.mlp.down_proj, bnb.nn.Linear8bitLt)

@@ -22,6 +22,7 @@ handy to check a deployment's failure tolerance).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import OrderedDict
@@ -224,14 +225,22 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
         assert fed is not None
         received = msg.content["arrays"]
         rt.system.load_trainable_state(from_record(received))
+        examples = rt.examples(pid)
+        # The run's global steps for this client: rounds x local steps (the LR schedule
+        # spans the whole run; `both` alternates on the global step).
+        per_round = fed.local_steps or fed.local_epochs * math.ceil(
+            len(examples) / rt.cfg.train.batch_size
+        )
         result = local_train(
             rt.system,
-            rt.examples(pid),
+            examples,
             rt.store_for(pid),
             key=(pid, server_round - 1),
             epochs=fed.local_epochs,
             steps=fed.local_steps,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
+            start_step=(server_round - 1) * per_round,
+            total_steps=fed.rounds * per_round,
         )
         rt.clients_served.add(pid)
         arrays = to_record(rt.system.trainable_state())
