@@ -12,9 +12,9 @@ from fedrag_ray.evaluate import (
     evaluate,
     exact_match,
     label_predictions,
-    option_reserve,
     mean_reciprocal_rank,
     normalize_answer,
+    option_reserve,
     recall_at_k,
     token_f1,
 )

