@@ -395,6 +395,41 @@ def tune(
     _run(go)
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A train / simulate / tune output directory"),
+    output: Path = typer.Option(..., "--output", "-o", help="Export directory to write"),
+    round_: int | None = typer.Option(
+        None, "--round", help="Federated: this round's global model (default: the last)"
+    ),
+    trial: str | None = typer.Option(None, help="Sweep: this trial (default: the best)"),
+    merge: bool = typer.Option(False, help="Also write the generator with its LoRA merged"),
+    store: bool = typer.Option(True, help="Include the knowledge store"),
+) -> None:
+    """Export the fine-tuned model: PEFT adapter (+ merged HF model), sentence-transformers
+    query encoder, knowledge store."""
+
+    def go() -> None:
+        from fedrag_ray.export import ExportError, export_run
+
+        try:
+            with console.status("exporting"):
+                manifest = export_run(run_dir, output, round_, trial, merge=merge, store=store)
+        except ExportError as err:
+            raise ConfigError(str(err)) from None
+        table = Table(title=f"export of {manifest['source']['run_dir']}")
+        table.add_column("directory")
+        table.add_column("format")
+        for name, kind in manifest["written"].items():
+            table.add_row(str(output / name), kind)
+        console.print(table)
+        src = manifest["source"]
+        where = ", ".join(f"{k} {src[k]}" for k in ("round", "trial") if src[k] is not None)
+        console.print(f"exported {src['kind']} run{' (' + where + ')' if where else ''}")
+
+    _run(go)
+
+
 def main() -> None:
     app()
 
