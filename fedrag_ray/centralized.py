@@ -66,6 +66,7 @@ def run_centralized(
 
     t = time.perf_counter()
     losses: list[float] = []
+    lrs: list[float] = []
     steps_done = 0
 
     def _step(step: int, loss: float) -> None:
@@ -81,7 +82,7 @@ def run_centralized(
     scheduler = make_scheduler(optimizer, cfg.train, total)
     if cfg.train.max_steps:
         phase(f"training {cfg.train.method} for {cfg.train.max_steps} steps")
-        steps_done = local_train(
+        res = local_train(
             system,
             data.train,
             store,
@@ -90,11 +91,12 @@ def run_centralized(
             on_step=_step,
             optimizer=optimizer,
             scheduler=scheduler,
-        ).steps
+        )
+        steps_done, lrs = res.steps, res.lrs
     else:
         for epoch in range(cfg.train.epochs):
             phase(f"training {cfg.train.method}, epoch {epoch + 1}/{cfg.train.epochs}")
-            steps_done += local_train(
+            res = local_train(
                 system,
                 data.train,
                 store,
@@ -103,7 +105,9 @@ def run_centralized(
                 optimizer=optimizer,
                 scheduler=scheduler,
                 start_step=steps_done,
-            ).steps
+            )
+            steps_done += res.steps
+            lrs += res.lrs
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -124,6 +128,7 @@ def run_centralized(
         "metrics_before": before,
         "metrics_after": after,
         "loss_history": losses,
+        "lr_history": lrs,
         "timings": timings,
         "trainable_parameters": int(sum(v.size for v in system.trainable_state().values())),
         "full_model_bytes": system.full_model_bytes(),

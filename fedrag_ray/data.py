@@ -68,6 +68,12 @@ def resolve_data_path(path: str) -> Path:
 # --------------------------------------------------------------------------- PubMedQA
 
 
+def normalize_label(label: str) -> str:
+    """Class labels compared with ``rag.label_options``: stripped and lower-cased, as
+    PubMedQA's ``final_decision`` is."""
+    return label.strip().lower()
+
+
 _PUBMEDQA_REQUIRED = {
     "QUESTION": str,
     "CONTEXTS": list,
@@ -96,7 +102,7 @@ def load_pubmedqa(path: str | Path) -> tuple[list[QAExample], list[Passage]]:
                 raise DataError(f"{where}: missing field {key!r}")
             if not isinstance(item[key], typ):
                 raise DataError(f"{where}: field {key!r} must be {typ.__name__}")
-        label = item["final_decision"].strip().lower()
+        label = normalize_label(item["final_decision"])
         if label not in ("yes", "no", "maybe"):
             raise DataError(f"{where}: final_decision must be yes/no/maybe, got {label!r}")
         contexts = item["CONTEXTS"]
@@ -194,13 +200,18 @@ def load_qa_rows(path: str | Path) -> list[QAExample]:
         gold = row.get("gold_ids") or []
         if not isinstance(gold, list):
             raise DataError(f"{where}: field 'gold_ids' must be a list")
+        label = row.get("label")
+        if label is not None:
+            if not isinstance(label, str) or not label.strip():
+                raise DataError(f"{where}: field 'label' must be a non-empty string")
+            label = normalize_label(label)  # "Yes " must match the option "yes"
         out.append(
             QAExample(
                 id=str(row.get("id") or len(out)),
                 question=str(question),
                 answer=str(answer),
                 gold_doc_ids=[str(g) for g in gold],
-                label=row.get("label"),
+                label=label,
                 metadata=dict(row.get("metadata") or {}),
             )
         )

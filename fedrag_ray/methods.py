@@ -138,6 +138,9 @@ class LocalTrainResult:
     steps: int = 0
     num_examples: int = 0
     losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)  # generator (first group) LR per step
+    ralt_steps: int = 0
+    lsr_steps: int = 0
     seconds: float = 0.0
 
     @property
@@ -206,16 +209,20 @@ def local_train(
         global_step = start_step + step
         batch = [examples[i] for i in idx]
         system.generator.model.train()
-        if cfg.method == "ralt":
-            loss = ralt_loss(system, batch, store)
-        elif cfg.method == "lsr":
-            loss = lsr_loss(system, batch, store)
-        elif cfg.both_mode == "combined":
-            loss = ralt_loss(system, batch, store) + lsr_loss(system, batch, store)
-        elif global_step % 2 == 0:
-            loss = ralt_loss(system, batch, store)
-        else:
-            loss = lsr_loss(system, batch, store)
+        use_ralt = cfg.method == "ralt" or (
+            cfg.method == "both" and (cfg.both_mode == "combined" or global_step % 2 == 0)
+        )
+        use_lsr = cfg.method == "lsr" or (
+            cfg.method == "both" and (cfg.both_mode == "combined" or global_step % 2 == 1)
+        )
+        parts = []
+        if use_ralt:
+            parts.append(ralt_loss(system, batch, store))
+            result.ralt_steps += 1
+        if use_lsr:  # on the query encoder's device; the sum lives on the first part's
+            parts.append(lsr_loss(system, batch, store).to(parts[0].device if parts else None))
+            result.lsr_steps += 1
+        loss = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         objective = loss
         if anchor is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
@@ -223,6 +230,7 @@ def local_train(
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        result.lrs.append(float(optimizer.param_groups[0]["lr"]))
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

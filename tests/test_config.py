@@ -188,3 +188,9 @@ def test_assignment_is_validated():
     cfg = ExperimentConfig()
     with pytest.raises(ValueError):
         cfg.train.method = "nope"  # type: ignore[assignment]
+
+
+def test_float16_weights_are_refused_without_a_grad_scaler():
+    with pytest.raises(ConfigError, match="generator.*float16 needs a gradient scaler"):
+        config_from_dict({"generator": {"dtype": "float16"}})
+    assert config_from_dict({"generator": {"dtype": "bfloat16"}}).generator.dtype == "bfloat16"

@@ -126,6 +126,20 @@ def test_jsonl_qa_rows_load(tmp_path):
     assert rows[2].answer == "no"
 
 
+def test_jsonl_labels_are_normalised_like_pubmedqa(tmp_path):
+    rows = [
+        {"question": "a?", "answer": "Yes", "label": " Yes "},
+        {"question": "b?", "answer": "no", "label": "NO"},
+    ]
+    got = load_qa_rows(_jsonl(tmp_path / "qa.jsonl", [json.dumps(r) for r in rows]))
+    assert [r.label for r in got] == ["yes", "no"]
+    bad = _jsonl(
+        tmp_path / "bad.jsonl", [json.dumps({"question": "c?", "answer": "x", "label": 3})]
+    )
+    with pytest.raises(DataError, match=r"bad.jsonl: line 1: field 'label'"):
+        load_qa_rows(bad)
+
+
 def test_jsonl_invalid_json_names_file_and_line(tmp_path):
     lines = [json.dumps(QA_ROWS[0]), json.dumps(QA_ROWS[1]), '{"question": "x", "answer": ']
     path = _jsonl(tmp_path / "qa.jsonl", lines)

@@ -138,3 +138,34 @@ def test_label_predictions_is_the_replug_mixture(eval_system, small_corpus, smal
         for q, pred in zip(questions, closed, strict=True):
             lp, _ = system.generator.answer_logprobs([system.prompt(q, "", reserve)] * 3, options)
             assert pred == options[int(lp.argmax())]
+
+
+def test_retrieval_weights_drop_ann_misses():
+    from fedrag_ray.evaluate import retrieval_weights
+
+    scores = np.array([[0.9, 0.5, -3.4e38], [0.2, 0.1, 0.0]], dtype=np.float32)
+    idx = np.array([[4, 7, -1], [1, 2, 3]])
+    w = retrieval_weights(scores, idx, tau=0.1)
+    assert [len(x) for x in w] == [2, 3]  # aligned with the passages actually used
+    expected = np.exp(np.array([9.0, 5.0]) - 9.0)
+    np.testing.assert_allclose(w[0], expected / expected.sum(), rtol=1e-6)
+    assert all(np.isclose(x.sum(), 1.0) for x in w)
+
+
+def test_context_policy_cuts_the_lowest_ranked_passage_first(eval_system):
+    """Passages in rank order fill the budget; the one that overflows is cut and the
+    lower-ranked ones dropped; the question is never cut. ``ask`` uses the same policy."""
+    system = eval_system
+    gen = system.generator
+    top, second, third = (
+        " ".join(f"{w}{i}" for i in range(n)) for w, n in (("alpha", 8), ("beta", 60), ("gamma", 8))
+    )
+    question = "what does the top passage say?"
+    kept = system.fit_passages(question, [top, second, third], reserve=4)
+    assert kept[0] == top  # the best passage survives whole
+    assert len(kept) == 2 and second.startswith(kept[1]) and len(kept[1]) < len(second)
+    prompt = system.prompt(question, [top, second, third], reserve=4)
+    assert question in prompt and "gamma" not in prompt
+    assert len(gen.encode_prompt(prompt)) + 4 <= system.cfg.generator.max_length
+    # everything fits: nothing is cut
+    assert system.fit_passages(question, [top, third], reserve=4) == [top, third]

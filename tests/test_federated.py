@@ -84,6 +84,8 @@ def test_simulate_cli_default_config_8_clients_3_rounds(tmp_path, tiny_data):
     assert [h["round"] for h in rounds] == [1, 2, 3]
     assert all(h["succeeded"] == 8 and h["failed"] == 0 for h in rounds)
     assert {c["partition-id"] for h in rounds for c in h["clients"]} == set(range(8))
+    # `both` + alternate with local_steps 1 alternates on the global step: round 2 is LSR
+    assert [sum(c["lsr-steps"] for c in h["clients"]) for h in rounds] == [0, 8, 0]
     # only adapters travel: generator LoRA + query-encoder LoRA, a tiny share of the model
     per_client = rounds[0]["bytes_received"] / 8
     assert 0 < per_client < 0.02 * res["full_model_bytes"]

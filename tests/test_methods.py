@@ -240,6 +240,101 @@ def test_both_alternate_trains_generator_then_retriever(make_system, examples, s
     assert moved == [(True, False), (True, True)]
 
 
+def test_both_alternate_counts_the_global_step_across_calls(make_system, examples, small_store):
+    """With one local step per round (a federated client with ``local_steps: 1``), round
+    1's step is RALT and round 2's is LSR: the alternation follows the global step, not a
+    counter that restarts in every call."""
+    system = make_system(**{"train.method": "both", "train.retriever_lr": 1e-4, "train.lsr.k": 3})
+    q0 = _snapshot(system.retriever.query_encoder)
+    g0 = _snapshot(system.generator.model)
+    first = local_train(system, examples[:4], small_store, key=(0, 0), steps=1, start_step=0)
+    assert (first.ralt_steps, first.lsr_steps) == (1, 0)
+    assert _l2_diff(system.generator.model, g0, lora_only=True) > 0
+    assert _l2_diff(system.retriever.query_encoder, q0) == 0
+    g1 = _snapshot(system.generator.model)
+    second = local_train(system, examples[:4], small_store, key=(0, 1), steps=1, start_step=1)
+    assert (second.ralt_steps, second.lsr_steps) == (0, 1)
+    assert _l2_diff(system.retriever.query_encoder, q0) > 0
+    assert _l2_diff(system.generator.model, g1, lora_only=True) == 0
+
+
+def test_lsr_masks_ann_misses(make_system, examples, retriever, small_store):
+    """An IVF index probing one small list returns fewer than k hits (index -1): those
+    entries drop out of p_R and p_LM (no crash, no passage -1 scored) and the KL runs
+    over the real hits only."""
+    from fedrag_ray.knowledge_store import KnowledgeStore
+
+    store = KnowledgeStore(retriever.dim, "ivf", nlist=3, nprobe=1)  # ~45 per list
+    store.add(small_store.passages, small_store.embeddings)
+    store.build()
+    system = make_system(**{"train.method": "lsr", "train.lsr.k": 100})  # > a list
+    batch = examples[:4]
+    torch.manual_seed(0)
+    log_p_r, log_p_lm, valid = lsr_distributions(system, batch, store)
+    assert (~valid).any() and (valid.sum(1) >= 2).all()
+    assert torch.isinf(log_p_r[~valid]).all() and torch.isinf(log_p_lm[~valid]).all()
+    torch.testing.assert_close(log_p_r.exp().sum(-1), torch.ones(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(log_p_lm.exp().sum(-1), torch.ones(4), atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    loss = lsr_loss(system, batch, store)
+    hand = torch.stack(
+        [
+            (
+                log_p_lm[b][valid[b]].exp()
+                * (log_p_lm[b][valid[b]] - log_p_r[b][valid[b]].detach())
+            ).sum()
+            for b in range(4)
+        ]
+    ).mean()
+    assert torch.isfinite(loss) and float(loss) == pytest.approx(float(hand), rel=1e-5, abs=1e-7)
+    loss.backward()
+    grads = [p.grad for p in system.retriever.query_encoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from fedrag_ray.config import TrainConfig
+    from fedrag_ray.methods import lr_factor
+
+    cfg = TrainConfig(warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    f = [lr_factor(s, 10, cfg) for s in range(10)]
+    assert f[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(f[1:], f[2:], strict=False))  # non-increasing
+    assert f[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
+    lin = TrainConfig(lr_schedule="linear", min_lr_ratio=0.0)
+    assert [lr_factor(s, 4, lin) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert lr_factor(7, 10, TrainConfig(lr_schedule="constant")) == 1.0
+
+
+def test_one_optimizer_spans_calls(make_system, examples, small_store):
+    """The centralized loop passes one AdamW (and schedule) to every epoch: its state
+    counts all steps, and the LR continues the schedule instead of restarting."""
+    from fedrag_ray.methods import make_optimizer, make_scheduler
+
+    system = make_system(**{"train.method": "ralt", "train.warmup_steps": 2})
+    opt = make_optimizer(system)
+    sched = make_scheduler(opt, system.cfg.train, total_steps=4)
+    a = local_train(
+        system, examples[:8], small_store, key=(0, 0), steps=2, optimizer=opt, scheduler=sched
+    )
+    b = local_train(
+        system,
+        examples[:8],
+        small_store,
+        key=(0, 1),
+        steps=2,
+        optimizer=opt,
+        scheduler=sched,
+        start_step=2,
+    )
+    lr = system.cfg.train.lr
+    assert a.lrs == pytest.approx([0.5 * lr, lr])
+    # step 2 enters the decay at its start (not a second warmup), then it decays
+    assert b.lrs[0] == pytest.approx(lr) and b.lrs[1] < b.lrs[0]
+    p = opt.param_groups[0]["params"][0]
+    assert int(opt.state[p]["step"]) == 4
+
+
 def test_both_combined_trains_both_in_one_step(make_system, examples, small_store):
     system = make_system(
         **{"train.method": "both", "train.both_mode": "combined", "train.lsr.k": 3}
