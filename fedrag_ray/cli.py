@@ -312,6 +312,8 @@ def _round_line(row: dict[str, Any]) -> str:
             f"{(row['bytes_sent'] + row['bytes_received']) / 1024:.0f} KiB",
             f"{row['seconds']:.1f}s",
         ]
+        if row.get("epsilon") is not None:  # differential privacy spent so far
+            parts.append(f"ε {row['epsilon']:.3g} at δ {row['delta']:g}")
     parts += [f"{k} {_fmt(row[k])}" for k in ("recall@5", "accuracy", "f1") if k in row]
     return " | ".join(parts)
 

@@ -191,14 +191,100 @@ class ClientResources(_Strict):
     custom: dict[str, float] = {}
 
 
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
 class StrategyConfig(_Strict):
-    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    """Flower's strategies. The robust ones (``fedmedian``, ``fedtrimmedavg``: ``trim_beta``
+    cut from each end; ``krum`` / ``multikrum`` / ``bulyan``: ``num_malicious_nodes``,
+    ``multikrum`` also ``num_nodes_to_select``) bound what a few bad clients can do."""
+
+    name: Literal[
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+        "multikrum",
+        "bulyan",
+    ] = "fedavg"
     proximal_mu: float = Field(0.0, ge=0.0)
     eta: float = Field(1e-2, gt=0.0)
     eta_l: float = Field(1e-2, gt=0.0)
     beta_1: float = Field(0.9, ge=0.0, lt=1.0)
     beta_2: float = Field(0.99, ge=0.0, lt=1.0)
     tau: float = Field(1e-3, gt=0.0)
+    trim_beta: float = Field(0.2, ge=0.0, lt=0.5)
+    num_malicious_nodes: int = Field(0, ge=0)
+    num_nodes_to_select: int = Field(1, ge=1)
+
+
+class SecAggConfig(_Strict):
+    """Flower's SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` + ``secaggplus_mod``):
+    the server only learns the weighted sum of the clients' updates. ``num_shares`` /
+    ``reconstruction_threshold``: an int, or a float = a share of the sampled clients /
+    of the shares (Flower's semantics). Updates are clipped to ``[-clipping_range,
+    clipping_range]`` per entry and quantised to ``quantization_range`` levels."""
+
+    enabled: bool = False
+    num_shares: float = Field(1.0, gt=0.0)
+    reconstruction_threshold: float = Field(0.66, gt=0.0)
+    clipping_range: float = Field(1.0, gt=0.0)
+    quantization_range: int = Field(2**22, ge=2)
+    modulus_range: int = Field(2**32, ge=4)
+    max_weight: float = Field(1000.0, gt=0.0)
+
+
+class PrivacyConfig(_Strict):
+    """Differential privacy of the clients' updates (client-level), on Flower's parts.
+
+    ``mode: central``: clip each update to ``clipping_norm`` (on the server, or on the
+    client with ``clipping: client``; ``adaptive: true`` adapts the norm, Andrew et al.)
+    and add Gaussian noise of std ``noise_multiplier * clipping_norm / clients`` to the
+    average. Give either ``noise_multiplier`` or ``target_epsilon`` (the multiplier that
+    spends it over ``federation.rounds`` at ``delta`` is derived). ``mode: local``: each
+    client clips and adds noise itself (Flower's ``LocalDpMod``, ``local_epsilon`` per
+    round). ``noise_seed`` makes the noise reproducible — for experiments only: whoever
+    knows it can subtract the noise. ``secagg``: secure aggregation, with or without DP.
+    """
+
+    mode: Literal["none", "central", "local"] = "none"
+    clipping: Literal["server", "client"] = "server"
+    adaptive: bool = False
+    clipping_norm: float = Field(1.0, gt=0.0)
+    noise_multiplier: float | None = Field(None, gt=0.0)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    target_clipped_quantile: float = Field(0.5, ge=0.0, le=1.0)
+    clip_norm_lr: float = Field(0.2, gt=0.0)
+    clipped_count_stddev: float | None = Field(None, gt=0.0)
+    local_epsilon: float = Field(1.0, gt=0.0)
+    noise_seed: int | None = None
+    secagg: SecAggConfig = SecAggConfig()
+
+    @model_validator(mode="after")
+    def _noise_given_once(self) -> PrivacyConfig:
+        if self.mode == "central" and (self.noise_multiplier is None) == (
+            self.target_epsilon is None
+        ):
+            raise ValueError("mode central needs exactly one of noise_multiplier or target_epsilon")
+        if self.secagg.enabled and self.mode == "central" and self.clipping == "server":
+            raise ValueError(
+                "secagg.enabled: the server never sees a single update, so it cannot clip "
+                "one; use clipping: client"
+            )
+        return self
+
+
+class ValidationConfig(_Strict):
+    """Checks on every client reply before aggregation: the keys and shapes of the global
+    arrays and finite values always; ``max_update_norm`` bounds the L2 norm of the update
+    (reply minus global). A failing reply is dropped for the round with its reason."""
+
+    max_update_norm: float | None = Field(None, gt=0.0)
 
 
 class FederationConfig(_Strict):
@@ -216,6 +302,8 @@ class FederationConfig(_Strict):
     min_successes: int | None = Field(None, ge=1)
     round_timeout_s: float = Field(3600.0, gt=0.0)
     shard_dir: str | None = None
+    privacy: PrivacyConfig = PrivacyConfig()
+    validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
     def _sample_fits(self) -> FederationConfig:
@@ -224,6 +312,24 @@ class FederationConfig(_Strict):
                 f"clients_per_round ({self.clients_per_round}) exceeds num_clients "
                 f"({self.num_clients})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits_strategy(self) -> FederationConfig:
+        name = self.strategy.name
+        if self.privacy.mode == "central" and name not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"privacy.mode central: strategy {name!r} is not supported; Flower's DP "
+                "wrappers' noise calibration (and accounting) assume FedAvg's mean: use "
+                "fedavg or fedprox"
+            )
+        if self.privacy.secagg.enabled and name in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"privacy.secagg: strategy {name!r} needs every client's update, which "
+                "secure aggregation hides from the server; use fedavg or fedprox"
+            )
+        if self.privacy.secagg.enabled and self.sampled < 2:
+            raise ValueError("privacy.secagg needs at least 2 clients per round")
         return self
 
     @property

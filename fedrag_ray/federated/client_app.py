@@ -14,9 +14,12 @@ actors' — and on a cluster, a generator on the head node): an ``evaluate`` mes
 trainable arrays; ``task: evaluate`` scores the global arrays on the server's held-out
 questions against the global store. Model code is imported inside the handlers only.
 
-Chaos testing: ``FEDRAG_RAY_FAULTS="raise:3,kill:5@2"`` makes partition 3 raise in every
-round and the actor serving partition 5 exit hard in round 2 (used by the tests, and
-handy to check a deployment's failure tolerance).
+Chaos testing: ``FEDRAG_RAY_FAULTS="raise:3,kill:5@2,nan:1,scale:2×1000"`` makes
+partition 3 raise in every round, the actor serving partition 5 exit hard in round 2,
+partition 1 reply with NaN and partition 2 scale its update by 1000 (``faults`` lists
+them all; used by the tests, and handy to check a deployment's failure tolerance).
+Differential privacy and secure aggregation are Flower mods on the train handler
+(``privacy.train_mods``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ from fedrag_ray.data import (
     load_dataset_from_config,
     partition_examples,
 )
+from fedrag_ray.federated.faults import ENV_VAR as FAULTS_ENV
+from fedrag_ray.federated.faults import Faults, parse_faults
 from fedrag_ray.federated.params import from_record, record_nbytes, to_record
+from fedrag_ray.federated.privacy import train_mods
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.runtime import configure_process
 
@@ -154,16 +160,9 @@ def node_tag() -> int:
         return -1
 
 
-def _parse_faults() -> tuple[set[int], dict[int, int]]:
-    raise_on, kill_on = set(), {}
-    for item in filter(None, os.environ.get("FEDRAG_RAY_FAULTS", "").split(",")):
-        kind, _, target = item.partition(":")
-        part, _, rnd = target.partition("@")
-        if kind == "raise":
-            raise_on.add(int(part))
-        elif kind == "kill":
-            kill_on[int(part)] = int(rnd or 1)
-    return raise_on, kill_on
+def _parse_faults() -> Faults:
+    """The chaos knob, read per message (see ``faults``): raise/kill/nan/shape/scale/signflip."""
+    return parse_faults(os.environ.get(FAULTS_ENV, ""))
 
 
 def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
@@ -207,15 +206,15 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
         metrics = evaluate(rt.system, rt.eval, store)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=train_mods(cfg_json))
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         config: ConfigRecord = msg.content["config"]
         server_round = int(config["server-round"])
-        raise_on, kill_on = _parse_faults()
-        if pid in raise_on:
+        faults = _parse_faults()
+        if pid in faults.raise_on:
             raise RuntimeError(f"injected fault in partition {pid}")
-        if kill_on.get(pid) == server_round:
+        if faults.kill_on.get(pid) == server_round:
             os._exit(1)  # simulate a crashed actor process
 
         from fedrag_ray.methods import local_train
@@ -243,7 +242,8 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
             total_steps=fed.rounds * per_round,
         )
         rt.clients_served.add(pid)
-        arrays = to_record(rt.system.trainable_state())
+        trained = faults.corrupt(pid, rt.system.trainable_state(), from_record(received))
+        arrays = to_record(trained)
         metrics = MetricRecord(
             {
                 "num-examples": result.num_examples,

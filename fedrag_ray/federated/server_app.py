@@ -37,11 +37,30 @@ from fedrag_ray.federated.checkpoint import (
     save_checkpoint,
 )
 from fedrag_ray.federated.params import from_record, record_nbytes, to_record
+from fedrag_ray.federated.privacy import (
+    UNIFORM_WEIGHT_KEY,
+    PrivacyLedger,
+    clipping_norm_of,
+    composes_itself,
+    noise_std_of,
+    seed_noise,
+    wrap_strategy,
+)
+from fedrag_ray.federated.secagg import secure_round
 from fedrag_ray.federated.strategies import (
     SampledGrid,
     build_strategy,
     load_strategy_state,
     strategy_state,
+)
+from fedrag_ray.federated.validation import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    PARTITION_KEY,
+    WEIGHT_KEY,
+    InvalidUpdate,
+    check_arrays,
+    split_valid,
 )
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -137,10 +156,30 @@ class FederatedServer:
         reply = self.server_task(grid, "evaluate", arrays)
         return {k: float(v) for k, v in reply.content["metrics"].items()}
 
+    def build_strategy(self, privacy_state: dict[str, Any]) -> tuple[Any, PrivacyLedger | None]:
+        """Flower's strategy, in Flower's DP wrapper when configured, and the privacy
+        ledger (restored from ``privacy_state`` on resume: same noise, same events)."""
+        pcfg = self.fed.privacy
+        ledger = None
+        if pcfg.mode != "none":
+            ledger = PrivacyLedger(self.fed, privacy_state.get("noise_multiplier"))
+            if privacy_state:
+                ledger.load(privacy_state)
+        uniform = pcfg.mode == "central"
+        base = build_strategy(self.fed.strategy, UNIFORM_WEIGHT_KEY if uniform else WEIGHT_KEY)
+        strategy = wrap_strategy(base, self.fed, ledger)
+        if privacy_state.get("clipping_norm") is not None and pcfg.adaptive:
+            strategy.clipping_norm = float(privacy_state["clipping_norm"])
+        return strategy, ledger
+
     def run(self, grid: Grid) -> None:
         if hasattr(grid, "pull_interval"):  # InMemoryGrid (simulation)
             grid.pull_interval = PULL_INTERVAL_S
-        strategy = build_strategy(self.fed.strategy)
+        ckpt = load_checkpoint(self.run_dir, self.fingerprint) if self.resume else None
+        strategy, ledger = self.build_strategy(ckpt.extra.get("privacy", {}) if ckpt else {})
+        pcfg = self.fed.privacy
+        secagg = pcfg.secagg.enabled
+        uniform = pcfg.mode == "central"
         history: list[dict[str, Any]] = []
         start_round = 1
 
@@ -161,8 +200,7 @@ class FederatedServer:
         self.prepare_knowledge()
         self.results["shards_seconds"] = time.perf_counter() - t
 
-        if self.resume:
-            ckpt = load_checkpoint(self.run_dir, self.fingerprint)
+        if ckpt is not None:
             arrays, history, start_round = ckpt.arrays, ckpt.history, ckpt.round + 1
             load_strategy_state(strategy, ckpt.strategy_state)
         else:
@@ -180,6 +218,8 @@ class FederatedServer:
             t0 = time.perf_counter()
             sampled = [p for p in self.sample(server_round) if p in part_to_node]
             random.seed(f"{self.cfg.seed}-{server_round}")  # Flower shuffles the sample
+            if ledger is not None:
+                seed_noise(pcfg, server_round)
             config = ConfigRecord({"server-round": server_round})
             messages = list(
                 strategy.configure_train(
@@ -189,31 +229,76 @@ class FederatedServer:
                     SampledGrid(grid, [part_to_node[p] for p in sampled]),
                 )
             )
-            bytes_down = sum(record_nbytes(m.content["arrays"]) for m in messages)
-            replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
-            ok = [r for r in replies if not r.has_error()]
-            failed = [r.error.reason for r in replies if r.has_error()]
-            failed += ["timeout"] * (len(messages) - len(replies))
-            ok.sort(key=lambda r: int(r.content["metrics"]["partition-id"]))
-            bytes_up = sum(record_nbytes(r.content["arrays"]) for r in ok)
+            norms: dict[Any, float] = {}
+            extra: dict[str, Any] = {}
+            if secagg:  # the server only ever holds the sum (see secagg.py)
+                sr = secure_round(
+                    grid,
+                    messages,
+                    arrays,
+                    pcfg.secagg,
+                    server_round,
+                    self.fed.round_timeout_s,
+                    uniform,
+                )
+                ok, failed = sr.replies, sr.failures
+                bytes_down, bytes_up = sr.bytes_sent, sr.bytes_received
+                extra["secagg_seconds"] = sr.seconds
+            else:
+                bytes_down = sum(record_nbytes(m.content[ARRAYS_KEY]) for m in messages)
+                replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
+                ok = [r for r in replies if not r.has_error()]
+                failed = [r.error.reason for r in replies if r.has_error()]
+                failed += ["timeout"] * (len(messages) - len(replies))
+                bytes_up = sum(record_nbytes(r.content[ARRAYS_KEY]) for r in ok)
+                ok, rejected, norms = split_valid(ok, arrays, self.fed.validation.max_update_norm)
+                failed += rejected
+                extra["rejected"] = len(rejected)
+            ok.sort(key=lambda r: int(r.content[METRICS_KEY][PARTITION_KEY]))
             clients = [
-                {k: v for k, v in r.content["metrics"].items() if k != "num-examples"}
-                | {"num_examples": r.content["metrics"]["num-examples"]}
+                {k: v for k, v in r.content[METRICS_KEY].items() if k != WEIGHT_KEY}
+                | {"num_examples": r.content[METRICS_KEY][WEIGHT_KEY]}
+                | ({"update-norm": norms[pid]} if (pid := _pid(r)) in norms else {})
                 for r in ok
             ]
+            if uniform:
+                for r in ok:
+                    r.content[METRICS_KEY][UNIFORM_WEIGHT_KEY] = 1
+            if ledger is not None and uniform:
+                extra["dp_clipping_norm"] = clipping_norm_of(strategy)
+                extra["dp_noise_std"] = noise_std_of(strategy)
             aggregated = len(ok) >= min_ok
             if aggregated:
                 new_arrays, _ = strategy.aggregate_train(server_round, ok)
-                if new_arrays is not None:
-                    arrays = from_record(new_arrays)
+                aggregated = new_arrays is not None
+                if new_arrays is None:
+                    extra["not_aggregated"] = "the strategy returned no aggregate"
+                else:
+                    candidate = from_record(new_arrays)
+                    try:  # last guard: never let a corrupt aggregate into the model
+                        check_arrays(candidate, arrays)
+                        arrays = candidate
+                    except InvalidUpdate as err:
+                        aggregated = False
+                        extra["not_aggregated"] = f"aggregate rejected: {err}"
+                    if ledger is not None and pcfg.mode == "central":
+                        if not composes_itself(strategy):
+                            ledger.compose_round(len(ok))
+            else:
+                extra["not_aggregated"] = f"{len(ok)} successful clients < min_successes {min_ok}"
+            if ledger is not None and pcfg.mode == "local" and ok:
+                ledger.compose_round(1)  # each reply was itself a (local-DP) release
+            if ledger is not None:
+                extra |= ledger.row()
             train_seconds = time.perf_counter() - t0
             row: dict[str, Any] = {
                 "round": server_round,
                 "sampled": len(messages),
                 "succeeded": len(ok),
                 "failed": len(failed),
-                "failure_reasons": failed[:5],
+                "failure_reasons": failed[:8],
                 "aggregated": aggregated,
+                **extra,
                 "bytes_sent": bytes_down,
                 "bytes_received": bytes_up,
                 "train_loss": float(np.mean([c["train-loss"] for c in clients]))
@@ -239,12 +324,29 @@ class FederatedServer:
                     history=history,
                     config_hash=self.fingerprint,
                     python_random_state=random.getstate(),
+                    extra=self._privacy_extra(strategy, ledger),
                 ),
             )
             self.on_round(row)
 
         self.results["history"] = history
         self.results["final_arrays"] = arrays
+        if ledger is not None:
+            self.results["privacy"] = ledger.summary(self.fed)
+        if secagg:
+            self.results["secure_aggregation"] = {
+                "protocol": "SecAgg+ (Flower SecAggPlusWorkflow + secaggplus_mod)",
+                **pcfg.secagg.model_dump(),
+            }
+
+    def _privacy_extra(self, strategy: Any, ledger: PrivacyLedger | None) -> dict[str, Any]:
+        if ledger is None:
+            return {}
+        return {"privacy": {**ledger.state(), "clipping_norm": clipping_norm_of(strategy)}}
+
+
+def _pid(reply: Message) -> int:
+    return int(reply.content[METRICS_KEY][PARTITION_KEY])
 
 
 def make_server_app(server: FederatedServer) -> ServerApp:

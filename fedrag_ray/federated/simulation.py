@@ -39,7 +39,7 @@ from fedrag_ray.federated.ray_backend import fedrag_backend
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
 from fedrag_ray.federated.server_app import FederatedServer, make_server_app, process_tree_rss
 from fedrag_ray.knowledge_store import KnowledgeStore
-from fedrag_ray.runtime import configure_process
+from fedrag_ray.runtime import configure_process, quiet_env, verbose
 
 SHARD_WRITERS = 8  # concurrent shard saves: the fsyncs of KnowledgeStore.save overlap
 
@@ -104,7 +104,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": True,
-        "runtime_env": {"env_vars": forwarded_env()},
+        "runtime_env": {"env_vars": {**quiet_env(), **forwarded_env()}},
     }
     if address:
         kwargs["address"] = address
@@ -114,7 +114,11 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
         # actors never reuse them (they start with the job's runtime env), so they only
         # sat there holding ~85 MiB each.
         kwargs["_system_config"] = {"prestart_worker_first_driver": False}
-    ray.init(**kwargs)
+    with warnings.catch_warnings():
+        # Ray's notice that it may stop hiding GPUs from num_gpus=0 actors; it still does,
+        # which is what keeps CPU-only actors off a GPU.
+        warnings.filterwarnings("ignore", message=".*accelerator visible devices.*")
+        ray.init(**kwargs)
     return True
 
 
@@ -140,13 +144,39 @@ def run_federated(
     on_phase: Callable[[str], None] | None = None,
     num_cpus: int | None = None,
 ) -> dict[str, Any]:
+    """The federated run; a ``tracking:`` section also logs it (fedrag_ray.tracking)."""
+    from fedrag_ray.tracking import track_federated
+
+    return track_federated(
+        _run_federated,
+        cfg,
+        output,
+        on_round,
+        address=address,
+        resume=resume,
+        on_phase=on_phase,
+        num_cpus=num_cpus,
+    )
+
+
+def _run_federated(
+    cfg: ExperimentConfig,
+    output: str | Path | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
     fed = cfg.federation
     if fed is None:
         raise ValueError("config has no federation: section; use `fedrag-ray train`")
     phase = on_phase or (lambda _m: None)
     configure_process()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Flower's notices (run_simulation deprecated, no federated evaluation) are not the
+    # user's concern: evaluation is server-side by design.
+    logging.getLogger("flwr").setLevel(logging.WARNING if verbose() else logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     t_start = time.perf_counter()
     run_dir = Path(output) if output else Path(tempfile.mkdtemp(prefix="fedrag-ray-"))
@@ -240,6 +270,8 @@ def run_federated(
         "full_model_bytes": results["full_model_bytes"],
         "trainable_bytes": int(sum(v.nbytes for v in results["final_arrays"].values())),
         "failures": int(sum(h["failed"] for h in rounds)),
+        "privacy": results.get("privacy"),
+        "secure_aggregation": results.get("secure_aggregation"),
         "actor_nodes": actor_nodes,
         "timings": {
             "setup_s": setup_seconds,
@@ -292,7 +324,7 @@ def _plots(summary: dict[str, Any], run_dir: Path) -> None:
     ]
     metrics_vs_round(
         rounds,
-        ["train_loss", "seconds", "mib_per_round", "peak_rss_gib"],
+        ["train_loss", "seconds", "mib_per_round", "peak_rss_gib", "epsilon"],
         run_dir / "rounds.png",
         "per-round figures",
     )

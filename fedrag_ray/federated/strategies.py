@@ -1,8 +1,10 @@
 """Flower strategies from config, and their state for checkpoints.
 
-The strategies are Flower's own (``flwr.serverapp.strategy``): fedrag_ray only chooses
+The strategies are Flower's own (``flwr.serverapp.strategy``), the robust ones
+(FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) included: fedrag_ray only chooses
 one and its parameters, and restricts each round to the clients it sampled itself (so a
-resumed run samples exactly the same clients) through :class:`SampledGrid`.
+resumed run samples exactly the same clients) through :class:`SampledGrid`. Differential
+privacy wraps the strategy (``privacy.wrap_strategy``), it is not a subclass.
 """
 
 from __future__ import annotations
@@ -12,26 +14,56 @@ from typing import Any
 
 import numpy as np
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from fedrag_ray.config import StrategyConfig
+from fedrag_ray.federated.validation import WEIGHT_KEY
 
 # Attributes of Flower's strategies that change while training (FedOpt's moments and the
 # arrays of the current round); everything else is set from config at construction.
 _STATE_ATTRS = ("current_arrays", "m_t", "v_t")
 
 
-def build_strategy(cfg: StrategyConfig) -> Strategy:
+def build_strategy(cfg: StrategyConfig, weighted_by_key: str = WEIGHT_KEY) -> Strategy:
+    """``weighted_by_key``: the reply metric to weight clients by (DP averages uniformly,
+    see ``privacy.UNIFORM_WEIGHT_KEY``)."""
     common: dict[str, Any] = {
         "fraction_train": 1.0,  # sampling is done by fedrag_ray, see SampledGrid
         "fraction_evaluate": 0.0,  # evaluation is server-side on held-out questions
         "min_train_nodes": 1,
         "min_available_nodes": 1,
+        "weighted_by_key": weighted_by_key,
     }
     if cfg.name == "fedavg":
         return FedAvg(**common)
     if cfg.name == "fedprox":
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.name == "fedmedian":
+        return FedMedian(**common)
+    if cfg.name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=cfg.trim_beta)
+    if cfg.name == "krum":
+        return Krum(**common, num_malicious_nodes=cfg.num_malicious_nodes)
+    if cfg.name == "multikrum":
+        return MultiKrum(
+            **common,
+            num_malicious_nodes=cfg.num_malicious_nodes,
+            num_nodes_to_select=cfg.num_nodes_to_select,
+        )
+    if cfg.name == "bulyan":
+        return Bulyan(**common, num_malicious_nodes=cfg.num_malicious_nodes)
     opt = {"eta": cfg.eta, "eta_l": cfg.eta_l, "beta_1": cfg.beta_1, "tau": cfg.tau}
     if cfg.name == "fedadagrad":
         return FedAdagrad(**common, eta=cfg.eta, eta_l=cfg.eta_l, tau=cfg.tau)
@@ -42,11 +74,20 @@ def build_strategy(cfg: StrategyConfig) -> Strategy:
     raise ValueError(f"unknown strategy {cfg.name!r}")
 
 
+def base_strategy(strategy: Strategy) -> Strategy:
+    """The Flower strategy inside any wrappers (DP wrappers keep it as ``.strategy``)."""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy
+    return strategy
+
+
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    strategy = base_strategy(strategy)
     return {k: getattr(strategy, k) for k in _STATE_ATTRS if hasattr(strategy, k)}
 
 
 def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    strategy = base_strategy(strategy)
     for k, v in state.items():
         if k not in _STATE_ATTRS:
             raise ValueError(f"unexpected strategy state {k!r}")
