@@ -43,6 +43,18 @@ def run_centralized(
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """One-site fine-tuning; a ``tracking:`` section also logs it (fedrag_ray.tracking)."""
+    from fedrag_ray.tracking import track_centralized
+
+    return track_centralized(_run_centralized, cfg, output, on_step, on_phase)
+
+
+def _run_centralized(
+    cfg: ExperimentConfig,
+    output: str | Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     phase = on_phase or (lambda _msg: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

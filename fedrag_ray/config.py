@@ -337,6 +337,23 @@ class FederationConfig(_Strict):
         return self.clients_per_round or self.num_clients
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking of ``train`` and ``simulate`` (sweeps: ``tune.tracking``):
+    per-step / per-round metrics, the config as params and, with ``log_model``, the
+    exported model as artifacts (fedrag_ray.tracking). ``mlflow_uri``: e.g.
+    ``file:./mlruns`` or an MLflow server; ``tensorboard``: event files in
+    ``tensorboard_dir`` (default RUN_DIR/tensorboard). ``keep_rounds``: a federated run
+    also keeps every round's global arrays (RUN_DIR/rounds/) for ``export --round``."""
+
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "fedrag_ray"
+    run_name: str | None = None
+    tensorboard: bool = False
+    tensorboard_dir: str | None = None
+    log_model: bool = True
+    keep_rounds: bool = False
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
@@ -352,6 +369,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     federation: FederationConfig | None = None
     tune: dict[str, Any] | None = None  # validated by fedrag_ray.tune.TuneConfig
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

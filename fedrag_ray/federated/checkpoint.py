@@ -45,6 +45,7 @@ def config_fingerprint(cfg_json: str) -> str:
     fed.pop("round_timeout_s", None)
     cfg["federation"] = fed
     cfg.pop("tune", None)
+    cfg.pop("tracking", None)  # where a run is logged does not change the experiment
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 

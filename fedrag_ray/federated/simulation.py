@@ -140,6 +140,30 @@ def run_federated(
     on_phase: Callable[[str], None] | None = None,
     num_cpus: int | None = None,
 ) -> dict[str, Any]:
+    """The federated run; a ``tracking:`` section also logs it (fedrag_ray.tracking)."""
+    from fedrag_ray.tracking import track_federated
+
+    return track_federated(
+        _run_federated,
+        cfg,
+        output,
+        on_round,
+        address=address,
+        resume=resume,
+        on_phase=on_phase,
+        num_cpus=num_cpus,
+    )
+
+
+def _run_federated(
+    cfg: ExperimentConfig,
+    output: str | Path | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
     fed = cfg.federation
     if fed is None:
         raise ValueError("config has no federation: section; use `fedrag-ray train`")
