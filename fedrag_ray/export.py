@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,7 +361,9 @@ def export_run(
     if output == source.run_dir.resolve() or source.run_dir.resolve().is_relative_to(output):
         raise ExportError(f"--output {output}: must not be the run directory or contain it")
     written: dict[str, str] = {}
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output) as tmp, warnings.catch_warnings():
+        # transformers' save_pretrained warns about its own deprecated internals
+        warnings.simplefilter("ignore", FutureWarning)
         if gen_arrays:
             gen = load_generator(source)
             gen.model.save_pretrained(tmp / "generator")
