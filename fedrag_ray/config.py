@@ -227,7 +227,9 @@ class SecAggConfig(_Strict):
     the server only learns the weighted sum of the clients' updates. ``num_shares`` /
     ``reconstruction_threshold``: an int, or a float = a share of the sampled clients /
     of the shares (Flower's semantics). Updates are clipped to ``[-clipping_range,
-    clipping_range]`` per entry and quantised to ``quantization_range`` levels."""
+    clipping_range]`` per entry and quantised to ``quantization_range`` levels; SecAgg+
+    scales each update by weight / ``max_weight`` first, so a tight ``max_weight`` keeps
+    the quantisation error small."""
 
     enabled: bool = False
     num_shares: float = Field(1.0, gt=0.0)
@@ -235,7 +237,7 @@ class SecAggConfig(_Strict):
     clipping_range: float = Field(1.0, gt=0.0)
     quantization_range: int = Field(2**22, ge=2)
     modulus_range: int = Field(2**32, ge=4)
-    max_weight: float = Field(1000.0, gt=0.0)
+    max_weight: float | None = Field(None, gt=0.0)  # None: derived, see secagg.max_weight
 
 
 class PrivacyConfig(_Strict):

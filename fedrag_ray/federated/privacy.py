@@ -199,6 +199,30 @@ def wrap_strategy(
     )
 
 
+def aggregate_train(strategy: Strategy, server_round: int, replies: list[Any]) -> Any:
+    """``strategy.aggregate_train``, with the direction of Flower 1.41's adaptive clipping
+    corrected.
+
+    Flower's adaptive wrappers update ``C <- C * exp(-lr * (f - q))`` with ``f`` the noisy
+    fraction of *clipped* updates and ``q`` the target clipped quantile, so when more
+    updates than wanted are clipped the norm *shrinks* and clips even more (it diverges
+    from the target; Andrew et al. use the fraction of *unclipped* updates in this rule).
+    The wrapper exposes no hook, so the glue inverts the step Flower just took:
+    ``C_new = C_old^2 / C_flower = C_old * exp(+lr * (f - q))``, which moves the clipped
+    fraction towards ``q``. The noisy count and the noise are Flower's, untouched."""
+    before = getattr(strategy, "clipping_norm", None)
+    adaptive = isinstance(
+        strategy,
+        DifferentialPrivacyServerSideAdaptiveClipping
+        | DifferentialPrivacyClientSideAdaptiveClipping,
+    )
+    result = strategy.aggregate_train(server_round, replies)
+    after = getattr(strategy, "clipping_norm", None)
+    if adaptive and before is not None and after is not None and after > 0:
+        strategy.clipping_norm = before * before / after
+    return result
+
+
 def composes_itself(strategy: Strategy) -> bool:
     """Flower's fixed-clipping wrappers compose into their accountant on release."""
     return getattr(strategy, "accountant", None) is not None

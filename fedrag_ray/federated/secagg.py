@@ -64,7 +64,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedrag_ray.config import SecAggConfig
+from fedrag_ray.config import FederationConfig, SecAggConfig
 from fedrag_ray.federated.params import from_record, to_record
 from fedrag_ray.federated.validation import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
 
@@ -185,6 +185,29 @@ class SecureRound:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def max_weight(cfg: SecAggConfig, fed: FederationConfig, batch_size: int) -> float:
+    """The bound on a client's weight that SecAgg+ divides by before quantising (the
+    update is scaled by weight / max_weight, so the error on the mean grows with it):
+    the configured one, else 1 under uniform weights (central DP), else the most
+    examples a client can report in a round (``local_steps`` x batch size), else
+    Flower's default 1000."""
+    if cfg.max_weight is not None:
+        return cfg.max_weight
+    if fed.privacy.mode == "central":
+        return 1.0
+    if fed.local_steps:
+        return float(fed.local_steps * batch_size)
+    return 1000.0
+
+
+def quantisation_error(cfg: SecAggConfig, weight_bound: float, weights: list[float]) -> float:
+    """Worst-case error per entry of the aggregated mean update: one stochastic-rounding
+    level (2 * clipping_range / quantization_range) per client, scaled back by
+    max_weight / sum of weights."""
+    level = 2 * cfg.clipping_range / cfg.quantization_range
+    return len(weights) * level * weight_bound / sum(weights)
+
+
 def secure_round(
     grid: Grid,
     messages: list[Message],
@@ -193,6 +216,7 @@ def secure_round(
     server_round: int,
     timeout: float | None,
     uniform: bool,
+    weight_bound: float = 1000.0,
 ) -> SecureRound:
     """Run SecAgg+ over the configured ``messages``; the survivors' replies carry the
     securely aggregated arrays (global + weighted mean update) and their own metrics."""
@@ -223,7 +247,7 @@ def secure_round(
     workflow = SecAggPlusWorkflow(
         num_shares=_int_or_share(cfg.num_shares),
         reconstruction_threshold=_int_or_share(cfg.reconstruction_threshold),
-        max_weight=cfg.max_weight,
+        max_weight=weight_bound,
         clipping_range=cfg.clipping_range,
         quantization_range=cfg.quantization_range,
         modulus_range=cfg.modulus_range,

@@ -46,7 +46,8 @@ from fedrag_ray.federated.privacy import (
     seed_noise,
     wrap_strategy,
 )
-from fedrag_ray.federated.secagg import secure_round
+from fedrag_ray.federated.privacy import aggregate_train as dp_aggregate_train
+from fedrag_ray.federated.secagg import max_weight, secure_round
 from fedrag_ray.federated.strategies import (
     SampledGrid,
     build_strategy,
@@ -240,6 +241,7 @@ class FederatedServer:
                     server_round,
                     self.fed.round_timeout_s,
                     uniform,
+                    max_weight(pcfg.secagg, self.fed, self.cfg.train.batch_size),
                 )
                 ok, failed = sr.replies, sr.failures
                 bytes_down, bytes_up = sr.bytes_sent, sr.bytes_received
@@ -269,7 +271,7 @@ class FederatedServer:
                 extra["dp_noise_std"] = noise_std_of(strategy)
             aggregated = len(ok) >= min_ok
             if aggregated:
-                new_arrays, _ = strategy.aggregate_train(server_round, ok)
+                new_arrays, _ = dp_aggregate_train(strategy, server_round, ok)
                 aggregated = new_arrays is not None
                 if new_arrays is None:
                     extra["not_aggregated"] = "the strategy returned no aggregate"
@@ -337,6 +339,7 @@ class FederatedServer:
             self.results["secure_aggregation"] = {
                 "protocol": "SecAgg+ (Flower SecAggPlusWorkflow + secaggplus_mod)",
                 **pcfg.secagg.model_dump(),
+                "max_weight": max_weight(pcfg.secagg, self.fed, self.cfg.train.batch_size),
             }
 
     def _privacy_extra(self, strategy: Any, ledger: PrivacyLedger | None) -> dict[str, Any]:
