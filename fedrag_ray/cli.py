@@ -38,6 +38,22 @@ METRIC_KEYS = [
 ]
 
 
+@app.callback()
+def _global_options(
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Show the libraries' warnings and loading bars (also in Ray actors)",
+    ),
+) -> None:
+    """Without --verbose, deprecation notices and per-actor model-loading bars are off."""
+    from fedrag_ray.runtime import VERBOSE_ENV
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fedrag_ray.data import DataError
     from fedrag_ray.federated.checkpoint import CheckpointError

@@ -7,18 +7,54 @@ aggregation, checkpoints) never loads a model, and importing torch and transform
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import warnings
 
 import numpy as np
+
+VERBOSE_ENV = "FEDRAG_RAY_VERBOSE"  # forwarded to Ray actors with the other FEDRAG_RAY_*
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def quiet_env() -> dict[str, str]:
+    """Environment for processes this one starts (Ray workers): library deprecation
+    notices and per-load progress bars off unless ``--verbose``. Set at interpreter start
+    (PYTHONWARNINGS) because most of them fire while modules are imported."""
+    if verbose():
+        return {}
+    return {
+        "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
 
 
 def configure_process(threads: int | None = None) -> None:
     """Quiet, offline-friendly defaults. ``threads`` caps torch's intra-op pool: one per
-    Ray client slot, so N actors on N cores do not oversubscribe."""
+    Ray client slot, so N actors on N cores do not oversubscribe. Without ``--verbose``
+    (FEDRAG_RAY_VERBOSE) the libraries' deprecation notices and per-load progress bars
+    (one "Loading weights" bar per actor and model) stay off the console."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if not verbose():
+        for key, value in quiet_env().items():
+            os.environ.setdefault(key, value)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+        except ImportError:  # the driver may not have it imported; nothing to quiet
+            pass
     if threads is not None:
         import torch
 

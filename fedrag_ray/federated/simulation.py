@@ -39,7 +39,7 @@ from fedrag_ray.federated.ray_backend import fedrag_backend
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
 from fedrag_ray.federated.server_app import FederatedServer, make_server_app, process_tree_rss
 from fedrag_ray.knowledge_store import KnowledgeStore
-from fedrag_ray.runtime import configure_process
+from fedrag_ray.runtime import configure_process, quiet_env, verbose
 
 SHARD_WRITERS = 8  # concurrent shard saves: the fsyncs of KnowledgeStore.save overlap
 
@@ -104,7 +104,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": True,
-        "runtime_env": {"env_vars": forwarded_env()},
+        "runtime_env": {"env_vars": {**quiet_env(), **forwarded_env()}},
     }
     if address:
         kwargs["address"] = address
@@ -114,7 +114,11 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
         # actors never reuse them (they start with the job's runtime env), so they only
         # sat there holding ~85 MiB each.
         kwargs["_system_config"] = {"prestart_worker_first_driver": False}
-    ray.init(**kwargs)
+    with warnings.catch_warnings():
+        # Ray's notice that it may stop hiding GPUs from num_gpus=0 actors; it still does,
+        # which is what keeps CPU-only actors off a GPU.
+        warnings.filterwarnings("ignore", message=".*accelerator visible devices.*")
+        ray.init(**kwargs)
     return True
 
 
@@ -170,7 +174,9 @@ def _run_federated(
     phase = on_phase or (lambda _m: None)
     configure_process()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Flower's notices (run_simulation deprecated, no federated evaluation) are not the
+    # user's concern: evaluation is server-side by design.
+    logging.getLogger("flwr").setLevel(logging.WARNING if verbose() else logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     t_start = time.perf_counter()
     run_dir = Path(output) if output else Path(tempfile.mkdtemp(prefix="fedrag-ray-"))

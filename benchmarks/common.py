@@ -1,0 +1,72 @@
+"""What every benchmark records and how it writes its results, in one place.
+
+    from common import RESULTS, machine_info, write_result
+
+A result JSON carries the benchmark name, UTC date, the exact command, the machine
+(CPUs, load average at start, platform, GPU if any) and the library versions, so a
+figure quoted in the README can be traced to its run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "pubmedqa" / "pqal_trainval.json"
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "flwr", "ray", "faiss-cpu")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+    try:
+        import torch
+
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["cuda"] = None
+    return info
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_result(name: str, payload: dict[str, Any], out_dir: Path = RESULTS) -> Path:
+    """``out_dir/name.json`` with the provenance fields first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": name,
+        "date": now(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(),
+        "versions": versions(),
+        **payload,
+    }
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,137 @@
+"""Evaluation speed with the real default generator (SmolLM2-135M-Instruct), old vs new,
+on the same PubMedQA questions in one run:
+
+- ``old``: every (question, passage, option) its own full sequence, float32 — what
+  ``evaluate`` did before (``label_predictions_per_sequence``);
+- ``new_fp32``: one forward per (question, passage), the options' tokens scored on its
+  KV cache (``label_predictions``), float32;
+- ``new``: the same with bf16 autocast where the CPU has AMX/AVX512-BF16 (the default).
+
+    python benchmarks/eval_speed.py [--questions 60] [--top-k 5] [--max-length 256]
+
+Accuracy and the agreement of predictions are reported next to the seconds, so a speed-up
+that changed the answers would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+from common import RESULTS, SHARED_DATA, write_result  # noqa: E402
+
+from fedrag_ray.config import config_from_dict  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(SHARED_DATA))
+    ap.add_argument("--questions", type=int, default=60)
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--max-length", type=int, default=256)
+    args = ap.parse_args()
+
+    import torch
+
+    from fedrag_ray.data import load_dataset_from_config
+    from fedrag_ray.evaluate import (
+        label_predictions,
+        label_predictions_per_sequence,
+        retrieval_weights,
+    )
+    from fedrag_ray.rag import RAGSystem
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = config_from_dict(
+        {
+            "data": {"path": args.data, "max_eval": args.questions},
+            "retriever": {"train": "none"},
+            "generator": {"max_length": args.max_length},
+            "rag": {"top_k": args.top_k},
+        }
+    )
+    data = load_dataset_from_config(cfg.data)
+    system = RAGSystem(cfg)
+    store = system.build_store(data.passages)
+    held = data.eval
+    questions = [e.question for e in held]
+    scores, idx = system.retrieve(questions, args.top_k)
+    ctx = [[store.passages[i].text for i in row if i >= 0] for row in idx]
+    weights = retrieval_weights(scores, idx, cfg.train.lsr.tau)
+    options = cfg.rag.label_options
+    bf16 = system.generator.autocast_dtype
+
+    runs: dict[str, Any] = {}
+    variants = [
+        ("old", label_predictions_per_sequence, None),
+        ("new_fp32", label_predictions, None),
+        ("new", label_predictions, bf16),
+    ]
+    for name, fn, dtype in variants:
+        system.generator.autocast_dtype = dtype
+        t = time.perf_counter()
+        preds = fn(system, questions, ctx, weights, options)
+        seconds = time.perf_counter() - t
+        runs[name] = {
+            "seconds": seconds,
+            "questions_per_s": len(questions) / seconds,
+            "autocast": str(dtype),
+            "accuracy": float(np.mean([p == e.label for p, e in zip(preds, held, strict=True)])),
+            "predictions": preds,
+        }
+        print(f"{name}: {seconds:.1f}s, accuracy {runs[name]['accuracy']:.3f}", flush=True)
+    agree = {
+        f"{a}_vs_old": float(
+            np.mean(
+                [
+                    x == y
+                    for x, y in zip(runs[a]["predictions"], runs["old"]["predictions"], strict=True)
+                ]
+            )
+        )
+        for a in ("new_fp32", "new")
+    }
+    result = {
+        "questions": len(questions),
+        "top_k": args.top_k,
+        "max_length": args.max_length,
+        "sequences_per_question_old": args.top_k * len(options),
+        "forwards_per_question_new": args.top_k,
+        "runs": runs,
+        "speedup_new_vs_old": runs["old"]["seconds"] / runs["new"]["seconds"],
+        "speedup_new_fp32_vs_old": runs["old"]["seconds"] / runs["new_fp32"]["seconds"],
+        "prediction_agreement": agree,
+        "target": ">= 3x faster evaluation, old vs new in one run",
+    }
+    path = write_result("eval_speed", result)
+    print(
+        f"speed-up new vs old {result['speedup_new_vs_old']:.2f}x "
+        f"(fp32 only: {result['speedup_new_fp32_vs_old']:.2f}x); agreement {agree}; {path}"
+    )
+    plot(result)
+
+
+def plot(result: dict[str, Any]) -> None:
+    from fedrag_ray.plots import plt
+
+    names = list(result["runs"])
+    secs = [result["runs"][n]["seconds"] for n in names]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(names, secs, color=["#999", "#69c", "#36a"])
+    for i, s in enumerate(secs):
+        ax.text(i, s, f"{s:.0f}s", ha="center", va="bottom")
+    ax.set_ylabel(f"seconds for {result['questions']} questions")
+    ax.set_title(f"label evaluation, top-{result['top_k']} passages")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "eval_speed.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
