@@ -332,6 +332,11 @@ class FederationConfig(_Strict):
             )
         if self.privacy.secagg.enabled and self.sampled < 2:
             raise ValueError("privacy.secagg needs at least 2 clients per round")
+        if self.privacy.secagg.enabled and self.validation.max_update_norm is not None:
+            raise ValueError(
+                "validation.max_update_norm: under privacy.secagg the server never sees one "
+                "client's update; bound it with privacy clipping: client instead"
+            )
         return self
 
     @property

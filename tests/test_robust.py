@@ -161,6 +161,15 @@ def test_strategy_and_privacy_config_errors_name_the_field():
                 }
             }
         )
+    with pytest.raises(ConfigError, match="never sees one client's update"):
+        config_from_dict(
+            {
+                "federation": {
+                    "validation": {"max_update_norm": 1.0},
+                    "privacy": {"secagg": {"enabled": True}},
+                }
+            }
+        )
     with pytest.raises(ConfigError, match="federation.validation.max_norm: unknown field"):
         config_from_dict({"federation": {"validation": {"max_norm": 3}}})
 

@@ -274,7 +274,12 @@ class FederatedServer:
                 new_arrays, _ = dp_aggregate_train(strategy, server_round, ok)
                 aggregated = new_arrays is not None
                 if new_arrays is None:
-                    extra["not_aggregated"] = "the strategy returned no aggregate"
+                    extra["not_aggregated"] = (
+                        f"Flower's DP wrapper releases only when all {len(messages)} sampled "
+                        f"clients reply ({len(ok)} did): nothing released, no ε spent"
+                        if composes_itself(strategy) and len(ok) != len(messages)
+                        else "the strategy returned no aggregate"
+                    )
                 else:
                     candidate = from_record(new_arrays)
                     try:  # last guard: never let a corrupt aggregate into the model
