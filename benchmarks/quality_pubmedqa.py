@@ -1,28 +1,31 @@
-"""Quality on real data: PubMedQA PQA-L train/val, before and after fine-tuning.
+"""Quality on real data with the real default generator (SmolLM2-135M-Instruct):
+PubMedQA PQA-L train/val, zero-shot vs fine-tuned, centralized vs federated.
 
-    python benchmarks/quality_pubmedqa.py [--data ../shared/data/pubmedqa/pqal_trainval.json]
-                                          [--steps 160] [--out benchmarks/results]
+    python benchmarks/quality_pubmedqa.py [--steps 64] [--only RUN ...] [--resume]
 
 Knowledge store = every abstract section of the 500 items; gold passage = the question's
-own abstract. A fixed held-out validation fold (20 %, `data.split_seed`) is never touched
-by any training step. Runs, all at the same total number of local steps:
+own abstract. A fixed held-out fold (20 %, ``data.split_seed`` 0) is never touched by a
+training step. Runs (all trained runs at the same total number of local steps):
 
-- before training (the same models everyone starts from);
-- centralized LSR alone, RALT alone, both (RA-DIT, alternating);
-- federated "both" with 8 clients: IID, Dirichlet(0.3) over the label, split by year;
-- RALT on long answers (LONG_ANSWER) for token F1, closed-book vs with retrieval.
+- ``zero_shot`` / ``zero_shot_long``: the untouched models, RAG vs closed-book;
+- ``central_ralt``, ``central_lsr`` (the real generator as LSR's teacher), ``central_both``
+  (RA-DIT, alternating), ``central_ralt_4bit`` (QLoRA: NF4 base, same steps);
+- ``fed8_iid_both``, ``fed8_dirichlet0.3_both``: 8 clients, 4 rounds, FedAvg;
+- ``central_ralt_long``: RALT on LONG_ANSWER, token F1 / ROUGE-L of generated answers.
 
-Metrics: recall@1/5 and MRR of the gold abstract; accuracy on yes/no/maybe, closed-book
-and with retrieval (REPLUG ensemble over the top 5); token F1 of generated long answers.
+Each run is its own subprocess (so its peak memory is its own) and writes its row as soon
+as it ends; ``--resume`` keeps rows whose config is unchanged (the config hash is in the
+row), so an interrupted benchmark continues instead of starting over.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import hashlib
 import json
 import os
-import platform
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,11 +34,22 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from common import RESULTS, SHARED_DATA, write_result  # noqa: E402
+
 from fedrag_ray.config import apply_overrides, config_from_dict  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pubmedqa" / "pqal_trainval.json"
-KEYS = ["recall@1", "recall@5", "mrr", "accuracy", "closed_book_accuracy", "f1"]
+KEYS = [
+    "recall@1",
+    "recall@5",
+    "mrr",
+    "accuracy",
+    "closed_book_accuracy",
+    "f1",
+    "rouge_l",
+    "closed_book_f1",
+    "closed_book_rouge_l",
+]
+LONG_EVAL_QUESTIONS = 50  # generation is the slow part on CPU
 
 
 def base_config(data: str, store: str, steps: int) -> dict[str, Any]:
@@ -46,32 +60,34 @@ def base_config(data: str, store: str, steps: int) -> dict[str, Any]:
         "retriever": {"model": "default", "train": "full"},
         "generator": {
             "model": "default",
-            "max_length": 192,
+            "max_length": 256,
             "lora": {
-                "r": 8,
-                "alpha": 16,
+                "r": 16,
+                "alpha": 32,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
             },
         },
         "knowledge_store": {"index": "flat", "path": store},
-        "rag": {"top_k": 5, "max_new_tokens": 48},
+        "rag": {"top_k": 3, "max_new_tokens": 64},
         "train": {
             "method": "both",
             "batch_size": 4,
-            "lr": 3e-3,
+            "lr": 1e-3,
             "retriever_lr": 2e-5,
             "max_steps": steps,
+            "warmup_steps": max(1, steps // 10),
             "lsr": {"tau": 0.1, "beta": 1.0, "k": 5},
             "ralt": {"k": 2},
         },
-        "eval": {"k_values": [1, 5], "generate": False},
+        # zero-shot figures come from the zero_shot runs, once, not before every run
+        "eval": {"k_values": [1, 5], "generate": False, "before": False},
     }
 
 
 def federated(raw: dict[str, Any], partition: dict[str, Any], steps: int) -> dict[str, Any]:
     clients, rounds = 8, 4
     local = max(1, steps // (clients * rounds))
-    out = apply_overrides(raw, {"train.max_steps": None})
+    out = apply_overrides(raw, {"train.max_steps": None, "train.warmup_steps": 1})
     out["federation"] = {
         "num_clients": clients,
         "rounds": rounds,
@@ -83,93 +99,197 @@ def federated(raw: dict[str, Any], partition: dict[str, Any], steps: int) -> dic
     return out
 
 
-def run(name: str, raw: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    from fedrag_ray.centralized import run_centralized
+def long_answers(raw: dict[str, Any]) -> dict[str, Any]:
+    return apply_overrides(
+        raw,
+        {
+            "train.method": "ralt",
+            "data.answer": "long",
+            "eval.generate": True,
+            "eval.max_questions": LONG_EVAL_QUESTIONS,
+        },
+    )
+
+
+def all_runs(raw: dict[str, Any], steps: int) -> dict[str, dict[str, Any]]:
+    ralt = apply_overrides(raw, {"train.method": "ralt"})
+    return {
+        "zero_shot": apply_overrides(ralt, {"eval.before": True}),
+        "zero_shot_long": apply_overrides(long_answers(raw), {"eval.before": True}),
+        "central_ralt": ralt,
+        "central_lsr": apply_overrides(raw, {"train.method": "lsr"}),
+        "central_both": raw,
+        "central_ralt_4bit": apply_overrides(ralt, {"generator.quantization": "4bit"}),
+        "fed8_iid_both": federated(raw, {"type": "iid"}, steps),
+        "fed8_dirichlet0.3_both": federated(
+            raw, {"type": "dirichlet", "alpha": 0.3, "field": "label"}, steps
+        ),
+        "central_ralt_long": long_answers(raw),
+    }
+
+
+def config_hash(raw: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_one(name: str, raw: dict[str, Any], work: Path) -> dict[str, Any]:
+    """One run in this process (the subprocess side)."""
+    from fedrag_ray.centralized import prepare_store, run_centralized
+    from fedrag_ray.data import eval_examples, load_dataset_from_config
+    from fedrag_ray.evaluate import evaluate
     from fedrag_ray.federated.simulation import run_federated
+    from fedrag_ray.rag import RAGSystem
 
     cfg = config_from_dict(raw)
     t = time.perf_counter()
-    if cfg.federation:
-        res = run_federated(cfg, out_dir / name)
-        after = res["history"][-1]
+    majority = None
+    if name.startswith("zero_shot"):
+        data = load_dataset_from_config(cfg.data)
+        system = RAGSystem(cfg)
+        store = prepare_store(system, data)
+        held = eval_examples(cfg, data)
+        before = after = evaluate(system, held, store)
+        steps = 0
+        labels = [e.label for e in held if e.label]
+        majority = max(labels.count(x) for x in set(labels)) / len(labels)
+    elif cfg.federation:
+        res = run_federated(cfg, work / name)
+        before, after = res["history"][0], res["history"][-1]
         steps = sum(c["steps"] for h in res["history"][1:] for c in h["clients"])
-        before = res["history"][0]
     else:
-        res = run_centralized(cfg, out_dir / name)
-        after, before, steps = res["metrics_after"], res["metrics_before"], res["steps"]
-    row = {
+        res = run_centralized(cfg, work / name)
+        before, after, steps = res["metrics_before"], res["metrics_after"], res["steps"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    extra = {"majority_class_rate": majority} if steps == 0 and cfg.data.answer == "label" else {}
+    return {
+        **extra,
         "run": name,
-        "method": cfg.train.method,
+        "config_hash": config_hash(raw),
+        "method": "none" if steps == 0 else cfg.train.method,
         "federated": cfg.federation is not None,
         "partition": cfg.federation.partition.model_dump() if cfg.federation else None,
+        "quantization": cfg.generator.quantization,
         "answer": cfg.data.answer,
         "total_local_steps": steps,
         "seconds": time.perf_counter() - t,
+        "peak_rss_bytes_driver": peak,
+        "peak_rss_bytes_process_tree": res.get("peak_rss_bytes") if cfg.federation else peak,
+        "num_eval": int(after.get("n", 0)),
         "before": {k: before.get(k) for k in KEYS if k in before},
         "after": {k: after.get(k) for k in KEYS if k in after},
     }
-    print(
-        json.dumps({k: row[k] for k in ("run", "total_local_steps", "seconds", "after")}),
-        flush=True,
-    )
-    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--steps", type=int, default=160, help="total local steps per run")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--data", default=str(SHARED_DATA))
+    ap.add_argument("--steps", type=int, default=64, help="total local steps per trained run")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--only", nargs="*", help="run names to run (default: all)")
+    ap.add_argument("--resume", action="store_true", help="keep rows whose config is unchanged")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     out = Path(args.out)
     work = out / "tmp" / "quality"
     work.mkdir(parents=True, exist_ok=True)
     raw = base_config(str(Path(args.data).resolve()), str(work / "store"), args.steps)
-    runs = {
-        "central_lsr": apply_overrides(raw, {"train.method": "lsr"}),
-        "central_ralt": apply_overrides(raw, {"train.method": "ralt"}),
-        "central_both": raw,
-        "fed8_iid_both": federated(raw, {"type": "iid"}, args.steps),
-        "fed8_dirichlet0.3_both": federated(
-            raw, {"type": "dirichlet", "alpha": 0.3, "field": "label"}, args.steps
-        ),
-        "fed8_year_both": federated(raw, {"type": "field", "field": "year"}, args.steps),
-        "central_ralt_long": apply_overrides(
-            raw,
-            {
-                "train.method": "ralt",
-                "data.answer": "long",
-                "eval.generate": True,
-                "eval.max_questions": 50,
-            },
-        ),
-    }
-    if args.only:
-        runs = {k: v for k, v in runs.items() if k in args.only}
+    runs = all_runs(raw, args.steps)
+    if args.worker:  # subprocess: one run, its row to a file
+        row = run_one(args.worker, runs[args.worker], work)
+        (work / f"{args.worker}.row.json").write_text(json.dumps(row, indent=2))
+        return
+
+    names = [n for n in runs if not args.only or n in args.only]
+    rows_path = work / "rows.json"
+    rows: dict[str, Any] = json.loads(rows_path.read_text()) if rows_path.exists() else {}
     t0 = time.perf_counter()
-    rows = [run(name, r, work) for name, r in runs.items()]
-    result = {
-        "benchmark": "quality_pubmedqa",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "data": args.data,
-        "steps_per_run": args.steps,
-        "total_seconds": time.perf_counter() - t0,
-        "runs": rows,
+    for name in names:
+        if args.resume and rows.get(name, {}).get("config_hash") == config_hash(runs[name]):
+            print(f"{name}: kept from an earlier run (same config)", flush=True)
+            continue
+        cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)]
+        cmd += ["--data", args.data, "--out", args.out]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        row_file = work / f"{name}.row.json"
+        if proc.returncode != 0 or not row_file.exists():
+            print(f"{name}: FAILED rc={proc.returncode}\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        rows[name] = json.loads(row_file.read_text())
+        rows_path.write_text(json.dumps(rows, indent=2))
+        summary = {k: rows[name][k] for k in ("run", "total_local_steps", "seconds", "after")}
+        print(json.dumps(summary), flush=True)
+        publish(rows, args, time.perf_counter() - t0, out)
+
+
+def publish(rows: dict[str, Any], args: argparse.Namespace, seconds: float, out: Path) -> None:
+    ordered = list(rows.values())
+    write_result(
+        "quality_pubmedqa",
+        {
+            "data": args.data,
+            "steps_per_run": args.steps,
+            "total_seconds_this_invocation": seconds,
+            "generator": "SmolLM2-135M-Instruct (default)",
+            "runs": ordered,
+            "targets": targets(rows),
+        },
+        out,
+    )
+    plot(ordered, out / "quality_pubmedqa.png")
+    (out / "quality_pubmedqa.md").write_text(markdown(ordered) + "\n")
+
+
+def targets(rows: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, checked on the measured rows (None where a run is missing)."""
+
+    def get(run: str, key: str, side: str = "after") -> float | None:
+        return rows.get(run, {}).get(side, {}).get(key)
+
+    def check(a: float | None, op: str, b: float | None) -> bool | None:
+        if a is None or b is None:
+            return None
+        return {">": a > b, ">=": a >= b}[op]
+
+    zs_lsr_drop = None
+    if get("central_lsr", "recall@5") is not None and get("zero_shot", "recall@5") is not None:
+        zs_lsr_drop = get("zero_shot", "recall@5") - get("central_lsr", "recall@5")
+    fed_gap = None
+    if get("fed8_iid_both", "accuracy") is not None and get("central_both", "accuracy"):
+        fed_gap = abs(get("fed8_iid_both", "accuracy") - get("central_both", "accuracy"))
+    q_gap = None
+    if get("central_ralt_4bit", "accuracy") is not None and get("central_ralt", "accuracy"):
+        q_gap = get("central_ralt", "accuracy") - get("central_ralt_4bit", "accuracy")
+    majority = rows.get("zero_shot", {}).get("majority_class_rate")
+    return {
+        "ralt_accuracy_at_least_majority_class": check(
+            get("central_ralt", "accuracy"), ">=", majority
+        ),
+        "majority_class_rate_of_fold": majority,
+        "long_ralt_f1_above_zero_shot": check(
+            get("central_ralt_long", "f1"), ">", get("zero_shot_long", "f1")
+        ),
+        "long_ralt_rouge_l_above_zero_shot": check(
+            get("central_ralt_long", "rouge_l"), ">", get("zero_shot_long", "rouge_l")
+        ),
+        "long_trained_rag_f1_above_closed_book": check(
+            get("central_ralt_long", "f1"), ">", get("central_ralt_long", "closed_book_f1")
+        ),
+        "ralt_accuracy_above_trained_closed_book": check(
+            get("central_ralt", "accuracy"), ">", get("central_ralt", "closed_book_accuracy")
+        ),
+        "ralt_accuracy_at_least_0.60 (stretch)": check(get("central_ralt", "accuracy"), ">=", 0.6),
+        "lsr_recall@5_drop (target <= 0.01)": zs_lsr_drop,
+        "fed_iid_vs_central_both_accuracy_gap (target <= 0.02)": fed_gap,
+        "fp32_minus_4bit_ralt_accuracy (target <= 0.02)": q_gap,
     }
-    (out / "quality_pubmedqa.json").write_text(json.dumps(result, indent=2))
-    plot(rows, out / "quality_pubmedqa.png")
-    print(markdown(rows))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| run | steps | recall@5 before → after | MRR after | accuracy (RAG) before → after | "
-        "closed-book acc after | F1 after |",
-        "|---|---|---|---|---|---|---|",
+        "| run | steps | recall@5 before → after | accuracy RAG before → after | "
+        "closed-book acc after | F1 / ROUGE-L after | closed-book F1 after | s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x: Any) -> str:
@@ -179,8 +299,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         b, a = r["before"], r["after"]
         lines.append(
             f"| {r['run']} | {r['total_local_steps']} | {f(b.get('recall@5'))} → "
-            f"{f(a.get('recall@5'))} | {f(a.get('mrr'))} | {f(b.get('accuracy'))} → "
-            f"{f(a.get('accuracy'))} | {f(a.get('closed_book_accuracy'))} | {f(a.get('f1'))} |"
+            f"{f(a.get('recall@5'))} | {f(b.get('accuracy'))} → {f(a.get('accuracy'))} | "
+            f"{f(a.get('closed_book_accuracy'))} | {f(a.get('f1'))} / {f(a.get('rouge_l'))} | "
+            f"{f(a.get('closed_book_f1'))} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -188,18 +309,32 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     from fedrag_ray.plots import plt
 
-    keys = ["recall@5", "mrr", "accuracy"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
-    names = [r["run"] for r in rows]
-    for ax, key in zip(axes[0], keys, strict=True):
-        before = [r["before"].get(key) or 0 for r in rows]
-        after = [r["after"].get(key) or 0 for r in rows]
-        x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], before, width=0.4, label="before")
-        ax.bar([i + 0.2 for i in x], after, width=0.4, label="after")
-        ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
-        ax.set_title(key)
-        ax.legend()
+    label_rows = [r for r in rows if r["answer"] == "label"]
+    long_rows = [r for r in rows if r["answer"] == "long"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, key in zip(axes[:2], ["recall@5", "accuracy"], strict=True):
+        x = range(len(label_rows))
+        ax.bar(x, [r["after"].get(key) or 0 for r in label_rows], width=0.4, label="RAG")
+        if key == "accuracy":
+            cb = [r["after"].get("closed_book_accuracy") or 0 for r in label_rows]
+            ax.bar([i + 0.4 for i in x], cb, width=0.4, label="closed-book")
+            ax.legend(fontsize=7)
+        ax.set_xticks(list(x), [r["run"] for r in label_rows], rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{key} (held-out, after)")
+    ax = axes[2]
+    x = range(len(long_rows))
+    for j, (key, lab) in enumerate(
+        [("f1", "F1 RAG"), ("closed_book_f1", "F1 closed-book"), ("rouge_l", "ROUGE-L RAG")]
+    ):
+        ax.bar(
+            [i + 0.27 * j for i in x],
+            [r["after"].get(key) or 0 for r in long_rows],
+            width=0.27,
+            label=lab,
+        )
+    ax.set_xticks(list(x), [r["run"] for r in long_rows], rotation=30, ha="right", fontsize=7)
+    ax.set_title("long answers")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -73,7 +73,7 @@ def _run_centralized(
     held = eval_examples(cfg, data)
     t = time.perf_counter()
     phase(f"evaluating before training ({len(held)} questions)")
-    before = evaluate(system, held, store)
+    before = evaluate(system, held, store) if cfg.eval.before else {}
     timings["eval_before_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

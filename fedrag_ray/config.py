@@ -175,6 +175,9 @@ class EvalConfig(_Strict):
     generate: bool = True
     # also score the same questions with no passage (closed_book_* metrics)
     closed_book: bool = True
+    # centralized runs: evaluate before training too (off when the zero-shot figures
+    # are measured once elsewhere, e.g. by a benchmark that compares many runs)
+    before: bool = True
 
 
 class PartitionConfig(_Strict):

@@ -11,7 +11,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "${HERE}/../.." && pwd)"
 VENV="${PEER_VENV:-${REPO}/benchmarks/.peer-venv}"
-REQS="${PEER_REQUIREMENTS:-/work/shared/peer/requirements-peer.txt}"
+REQS="${PEER_REQUIREMENTS:-${HERE}/requirements-peer.txt}"
 MARKER="${VENV}/.peer-setup-complete"
 
 if [[ "${1:-}" == "--force" ]]; then
