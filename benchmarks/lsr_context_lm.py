@@ -131,9 +131,9 @@ def base_config(paths: dict[str, str], steps: int) -> dict[str, Any]:
         },
         "retriever": {"model": "default", "train": "lora", "lora_r": 8, "lora_alpha": 16},
         "generator": {
-            "model": "default",
+            "model": "tiny-random",  # warmed up below to read its context: a known teacher
             "max_length": 64,
-            "default_spec": {
+            "tiny_spec": {
                 "hidden_size": 128,
                 "num_layers": 2,
                 "num_heads": 4,

@@ -113,18 +113,18 @@ def long_answers(raw: dict[str, Any]) -> dict[str, Any]:
 
 def all_runs(raw: dict[str, Any], steps: int) -> dict[str, dict[str, Any]]:
     ralt = apply_overrides(raw, {"train.method": "ralt"})
-    return {
+    return {  # most informative first: an interrupted benchmark keeps these rows
         "zero_shot": apply_overrides(ralt, {"eval.before": True}),
-        "zero_shot_long": apply_overrides(long_answers(raw), {"eval.before": True}),
         "central_ralt": ralt,
+        "zero_shot_long": apply_overrides(long_answers(raw), {"eval.before": True}),
+        "central_ralt_long": long_answers(raw),
         "central_lsr": apply_overrides(raw, {"train.method": "lsr"}),
         "central_both": raw,
-        "central_ralt_4bit": apply_overrides(ralt, {"generator.quantization": "4bit"}),
         "fed8_iid_both": federated(raw, {"type": "iid"}, steps),
         "fed8_dirichlet0.3_both": federated(
             raw, {"type": "dirichlet", "alpha": 0.3, "field": "label"}, steps
         ),
-        "central_ralt_long": long_answers(raw),
+        "central_ralt_4bit": apply_overrides(ralt, {"generator.quantization": "4bit"}),
     }
 
 

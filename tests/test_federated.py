@@ -100,6 +100,9 @@ def test_simulate_cli_default_config_8_clients_3_rounds(tmp_path, tiny_data):
     pids = {c["actor-pid"] for h in rounds for c in h["clients"]}
     assert len(pids) <= res["num_actors"] < 8
     assert "round 3" in proc.stderr
+    # a quiet console: no library warnings or per-actor loading bars between the rounds
+    noise = [ln for ln in proc.stderr.splitlines() if "Warning" in ln or "Loading weights" in ln]
+    assert not noise, noise[:5]
     # the driver never loads a model: index build and evaluation ran on a client actor
     assert res["driver_imported_torch"] is False
     assert res["timings"]["index_s"] > 0 and res["timings"]["prepare_s"] > 0
