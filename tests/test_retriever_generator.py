@@ -388,3 +388,42 @@ def test_qlora_8bit_trains_on_cpu():
     frozen = layer.mlp.down_proj.weight.detach().clone()
     _qlora_train_check(gen)
     assert torch.equal(layer.mlp.down_proj.weight.detach(), frozen)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_device_and_compute_dtype_resolution():
+    """CPU-side logic of device placement; the CUDA path itself is
+    test_generator_real.test_generator_and_retriever_move_to_cuda (needs a GPU)."""
+    from fedrag_ray.generator import compute_dtype, cpu_has_fast_bf16, resolve_device
+
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")
+    assert compute_dtype(GeneratorConfig(autocast="none"), cpu) is None
+    assert compute_dtype(GeneratorConfig(autocast="bfloat16"), cpu) == torch.bfloat16
+    expected = torch.bfloat16 if cpu_has_fast_bf16() else None
+    assert compute_dtype(GeneratorConfig(autocast="auto"), cpu) == expected
+
+
+def test_generator_runs_under_bf16_autocast(generator):
+    """bf16 autocast (the default where the CPU has it): finite loss and gradients, LoRA
+    factors stay float32, log-probs close to float32 ones."""
+    gen = copy.deepcopy(generator)
+    gen.autocast_dtype = torch.bfloat16
+    gen.model.train()
+    loss = gen.loss(PROMPTS, ANSWERS)
+    loss.backward()
+    lora = _trainable(gen.model)
+    assert all(p.dtype == torch.float32 for p in lora.values())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora.values())
+    gen.model.eval()
+    with torch.no_grad():
+        bf, _ = gen.answer_logprobs(PROMPTS, ANSWERS)
+        gen.autocast_dtype = None
+        fp, _ = gen.answer_logprobs(PROMPTS, ANSWERS)
+    torch.testing.assert_close(bf, fp, atol=0.15, rtol=0.02)
