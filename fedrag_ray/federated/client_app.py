@@ -251,6 +251,8 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
                 "train-loss": result.mean_loss,
                 "train-seconds": result.seconds,
                 "steps": result.steps,
+                "ralt-steps": result.ralt_steps,
+                "lsr-steps": result.lsr_steps,
                 "bytes-received": record_nbytes(received),
                 "bytes-sent": record_nbytes(arrays),
                 "actor-pid": os.getpid(),
