@@ -169,3 +169,33 @@ def test_context_policy_cuts_the_lowest_ranked_passage_first(eval_system):
     assert len(gen.encode_prompt(prompt)) + 4 <= system.cfg.generator.max_length
     # everything fits: nothing is cut
     assert system.fit_passages(question, [top, third], reserve=4) == [top, third]
+
+
+def test_answer_keeps_top_ranked_passages_within_the_budget(eval_system, small_store):
+    """``RAGSystem.answer`` (the ``ask`` command) uses the same policy: with room for less
+    than three abstracts' sections, the top-ranked one is kept (cut) and the rest dropped,
+    and the sources it returns are the passages that were in the prompt."""
+    from fedrag_ray.config import apply_overrides, config_from_dict
+    from fedrag_ray.rag import RAGSystem
+
+    raw = apply_overrides(eval_system.cfg.model_dump(mode="json"), {"rag.generate_passages": 3})
+    system = RAGSystem(
+        config_from_dict(raw),
+        retriever=eval_system.retriever,
+        generator=eval_system.generator,
+        store=small_store,
+    )
+    question = "Is there a role for leukocyte and CRP measurements in appendicitis?"
+    _, idx = system.retrieve([question], 3)
+    ranked = [small_store.passages[i] for i in idx[0]]
+    ans = system.answer(question)
+    assert ans.passages and ans.passages == ranked[: len(ans.passages)]
+    assert len(ans.passages) < 3  # 64 tokens hold less than three sections
+    assert len(ans.scores) == len(ans.passages)
+    wide = RAGSystem(
+        config_from_dict(apply_overrides(raw, {"generator.max_length": 1024})),
+        retriever=eval_system.retriever,
+        generator=eval_system.generator,
+        store=small_store,
+    )
+    assert wide.fit_passages(question, [p.text for p in ranked], 4) == [p.text for p in ranked]
