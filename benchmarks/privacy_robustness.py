@@ -148,7 +148,12 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--attack-factor", type=float, default=10.0)
     ap.add_argument("--parts", nargs="+", default=["dp", "secagg", "robust"])
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads((args.out / "privacy_robustness.json").read_text())
+        figure(saved, args.out / "privacy_robustness.png")
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc)
@@ -281,15 +286,17 @@ def figure(out: dict[str, Any], path: Path) -> None:
         ax = axes[0]
         rows = out["dp"]["rows"]
         dp = [r for r in rows if r["epsilon"] is not None]
-        ax.plot([r["epsilon"] for r in dp], [r["accuracy"] for r in dp], "o-", label="central DP")
+        ax.plot([r["epsilon"] for r in dp], [r["accuracy"] for r in dp], "o-", label="accuracy, DP")
+        ax.plot([r["epsilon"] for r in dp], [r["recall@5"] for r in dp], "s:", label="recall@5, DP")
+        ax.axhline(rows[0]["recall@5"], color="tab:orange", ls="--", label="recall@5, no DP")
         for r in dp:
             ax.annotate(f"z={r['noise_multiplier']:g}", (r["epsilon"], r["accuracy"]), fontsize=8)
-        ax.axhline(rows[0]["accuracy"], color="k", ls="--", label="no DP")
+        ax.axhline(rows[0]["accuracy"], color="k", ls="--", label="accuracy, no DP")
         ax.set_xscale("log")
         ax.set_xlabel(f"ε at δ={out['dp']['delta']:g} (RDP, no amplification)")
-        ax.set_ylabel("held-out accuracy")
+        ax.set_ylabel("held-out")
         ax.set_title("accuracy vs privacy")
-        ax.legend()
+        ax.legend(fontsize=7)
     if "secagg" in out:
         ax = axes[1]
         s = out["secagg"]
@@ -313,7 +320,11 @@ def figure(out: dict[str, Any], path: Path) -> None:
         ax.bar(x + 0.2, [r["recall@5"] for r in rows], 0.4, label="recall@5")
         ax.set_xticks(x, labels, rotation=20)
         ax.set_title(out["robust"]["faults"])
-        ax.legend()
+        ax.legend(loc="lower left", fontsize=7)
+        ax3 = ax.twinx()
+        ax3.plot(x, [r["distance_to_clean"] for r in rows], "kD", label="L2 to clean adapters")
+        ax3.set_ylabel("L2 distance of final adapters to clean FedAvg")
+        ax3.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

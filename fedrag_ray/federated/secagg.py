@@ -66,11 +66,10 @@ from flwr.serverapp import Grid
 
 from fedrag_ray.config import FederationConfig, SecAggConfig
 from fedrag_ray.federated.params import from_record, to_record
-from fedrag_ray.federated.validation import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+from fedrag_ray.federated.validation import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY
 
 ARRAY_NAMES_KEY = "fedrag-array-names"  # FitIns config: the names, "\n"-joined, in order
 UNIFORM_KEY = "fedrag-uniform-weight"  # FitIns config: weight every client 1 (DP)
-CONFIG_KEY = "config"  # the Message-API handler's ConfigRecord
 
 
 def content_nbytes(content: RecordDict) -> int:
