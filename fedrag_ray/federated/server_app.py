@@ -4,8 +4,10 @@ Before round 1: discover partition → node, ask one client actor to *prepare* (
 global index if missing, return the initial trainable arrays), let the caller build the
 private shards from that index, evaluate the initial arrays. Each round: sample clients
 (seeded by the round, so a resumed run samples the same ones) → ``strategy.configure_train``
-→ ``grid.send_and_receive`` → drop failed replies → ``strategy.aggregate_train`` on the
-successful ones in partition order (float sums in a fixed order make resumed and
+→ ``grid.send_and_receive`` (or Flower's SecAgg+, ``secagg.py``) → drop failed replies and
+those that fail validation (``validation.py``, reasons kept) → ``strategy.aggregate_train``
+(in Flower's DP wrapper when configured, ``privacy.py``; the privacy ledger records ε) on
+the successful ones in partition order (float sums in a fixed order make resumed and
 uninterrupted runs bit-identical) → server-side evaluation every N rounds → atomic
 checkpoint. The results are written into a dict owned by the caller, because Flower's
 ``run_simulation`` returns nothing.
