@@ -84,7 +84,8 @@ def option_reserve(system: RAGSystem, options: list[str]) -> int:
 
 def _ensemble_argmax(logp: np.ndarray, weights: np.ndarray | None, options: list[str]) -> str:
     """argmax_o log sum_d w_d P(o | d, q) for one question; logp is (n_ctx, n_options)."""
-    w = weights if weights is not None else np.ones(len(logp))
+    # uniform when there are no retrieval weights (closed book, or no real hit at all)
+    w = weights if weights is not None and len(weights) == len(logp) else np.ones(len(logp))
     score = np.logaddexp.reduce(np.log(np.maximum(w, 1e-12))[:, None] + logp, axis=0)
     return options[int(np.argmax(score))]
 
