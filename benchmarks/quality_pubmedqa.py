@@ -125,6 +125,11 @@ def all_runs(raw: dict[str, Any], steps: int) -> dict[str, dict[str, Any]]:
             raw, {"type": "dirichlet", "alpha": 0.3, "field": "label"}, steps
         ),
         "central_ralt_4bit": apply_overrides(ralt, {"generator.quantization": "4bit"}),
+        # LSR's teacher scores the reference answer: a yes/no label says little about which
+        # passage helps, the long answer (the abstract's conclusion) says much more.
+        "central_lsr_long": apply_overrides(
+            long_answers(raw), {"train.method": "lsr", "eval.generate": False}
+        ),
     }
 
 
@@ -251,9 +256,11 @@ def targets(rows: dict[str, Any]) -> dict[str, Any]:
             return None
         return {">": a > b, ">=": a >= b}[op]
 
-    zs_lsr_drop = None
+    zs_lsr_drop = zs_lsr_long_drop = None
     if get("central_lsr", "recall@5") is not None and get("zero_shot", "recall@5") is not None:
         zs_lsr_drop = get("zero_shot", "recall@5") - get("central_lsr", "recall@5")
+    if get("central_lsr_long", "recall@5") is not None and get("zero_shot_long", "recall@5"):
+        zs_lsr_long_drop = get("zero_shot_long", "recall@5") - get("central_lsr_long", "recall@5")
     fed_gap = None
     if get("fed8_iid_both", "accuracy") is not None and get("central_both", "accuracy"):
         fed_gap = abs(get("fed8_iid_both", "accuracy") - get("central_both", "accuracy"))
@@ -280,6 +287,7 @@ def targets(rows: dict[str, Any]) -> dict[str, Any]:
         ),
         "ralt_accuracy_at_least_0.60 (stretch)": check(get("central_ralt", "accuracy"), ">=", 0.6),
         "lsr_recall@5_drop (target <= 0.01)": zs_lsr_drop,
+        "lsr_long_answer_teacher_recall@5_drop (50 questions)": zs_lsr_long_drop,
         "fed_iid_vs_central_both_accuracy_gap (target <= 0.02)": fed_gap,
         "fp32_minus_4bit_ralt_accuracy (target <= 0.02)": q_gap,
     }
