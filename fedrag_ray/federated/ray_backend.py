@@ -40,14 +40,23 @@ FLWR_VERSION = "1.41.0"
 
 
 class FedRagActorPool(BasicActorPool):
-    def __init__(self, client_resources: dict[str, Any], num_actors: int) -> None:
+    def __init__(
+        self,
+        client_resources: dict[str, Any],
+        num_actors: int,
+        env_vars: dict[str, str] | None = None,
+    ) -> None:
         resources = dict(client_resources)
         custom = resources.pop("resources", None) or {}
         self.client_resources = resources
         self.pool = []
         self.num_actors = 0
+        # This run's environment (offline mode, cache dir, fault injection, quiet mode) on
+        # every actor it creates, also when Ray was started earlier by someone else with
+        # another environment (a notebook, a test session, a joined cluster).
+        options: dict[str, Any] = {"runtime_env": {"env_vars": dict(env_vars)}} if env_vars else {}
         self.create_actor_fn = lambda: ClientAppActor.options(  # type: ignore[attr-defined]
-            **resources, resources=custom
+            **resources, resources=custom, **options
         ).remote()
         self.actors_capacity = num_actors
         self._future_to_actor = {}
@@ -68,7 +77,7 @@ class FedRagRayBackend(raybackend.RayBackend):
 
     def build(self, app_fn: Any) -> None:
         num_actors = int(self.fedrag.get("num_actors") or 1)
-        self.pool = FedRagActorPool(self.client_resources, num_actors)
+        self.pool = FedRagActorPool(self.client_resources, num_actors, self.fedrag.get("env_vars"))
         self.pool.add_actors_to_pool(num_actors)
         self.app_fn = app_fn
 

@@ -219,7 +219,11 @@ def _run_federated(
         )
         backend_config = {
             "client_resources": ray_client_resources(fed.client_resources),
-            "fedrag": {"num_actors": num_actors, "shutdown_ray": False},
+            "fedrag": {
+                "num_actors": num_actors,
+                "shutdown_ray": False,
+                "env_vars": {**quiet_env(), **forwarded_env()},
+            },
         }
         phase(f"simulating {fed.num_clients} clients on {num_actors} Ray actors")
         from flwr.simulation import run_simulation
