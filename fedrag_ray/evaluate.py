@@ -198,25 +198,7 @@ def evaluate(
         if closed_book
         else retrieval_weights(scores[:, :top_k], idx[:, :top_k], cfg.train.lsr.tau)
     )
-    labelled = [e for e in examples if e.label is not None]
-    if labelled and cfg.data.answer == "label":
-        preds = label_predictions(system, questions, ctx_texts, weights, cfg.rag.label_options)
-        metrics["accuracy"] = float(
-            np.mean([p == e.label for p, e in zip(preds, examples, strict=True) if e.label])
-        )
-    if generate and cfg.eval.generate:
-        reserve = cfg.rag.max_new_tokens
-        n_ctx = cfg.rag.generate_passages
-        prompts = [
-            system.prompt(q, None if closed_book else ctx[:n_ctx], reserve)
-            for q, ctx in zip(questions, ctx_texts or [[]] * len(questions), strict=True)
-        ]
-        outs = system.generator.generate(prompts, reserve)
-        refs = [e.answer for e in examples]
-        pairs = list(zip(outs, refs, strict=True))
-        metrics["exact_match"] = float(np.mean([exact_match(o, r) for o, r in pairs]))
-        metrics["f1"] = float(np.mean([token_f1(o, r) for o, r in pairs]))
-        metrics["rouge_l"] = float(np.mean([rouge_l(o, r) for o, r in pairs]))
+    metrics.update(_answer_metrics(system, examples, ctx_texts, weights, generate))
     if not closed_book and cfg.eval.closed_book:
         # The same questions with no passage: does retrieval matter? (no second search)
         cb = evaluate_answers_closed_book(system, examples, generate)
@@ -229,21 +211,39 @@ def evaluate_answers_closed_book(
     system: RAGSystem, examples: list[QAExample], generate: bool = True
 ) -> dict[str, float]:
     """Answer metrics with no passage in the prompt."""
+    out = _answer_metrics(system, examples, None, None, generate)
+    out.pop("exact_match", None)
+    return out
+
+
+def _answer_metrics(
+    system: RAGSystem,
+    examples: list[QAExample],
+    ctx_texts: list[list[str]] | None,
+    weights: list[np.ndarray] | None,
+    generate: bool,
+) -> dict[str, float]:
+    """Label accuracy (REPLUG ensemble) and generated-answer EM / F1 / ROUGE-L, with the
+    given passages per question, or closed-book when ``ctx_texts`` is None."""
     cfg = system.cfg
     questions = [e.question for e in examples]
     out: dict[str, float] = {}
     labelled = [e for e in examples if e.label is not None]
     if labelled and cfg.data.answer == "label":
-        preds = label_predictions(system, questions, None, None, cfg.rag.label_options)
+        preds = label_predictions(system, questions, ctx_texts, weights, cfg.rag.label_options)
         out["accuracy"] = float(
             np.mean([p == e.label for p, e in zip(preds, examples, strict=True) if e.label])
         )
     if generate and cfg.eval.generate:
         reserve = cfg.rag.max_new_tokens
-        outs = system.generator.generate(
-            [system.prompt(q, None, reserve) for q in questions], reserve
-        )
+        n_ctx = cfg.rag.generate_passages
+        prompts = [
+            system.prompt(q, None if ctx_texts is None else ctx_texts[i][:n_ctx], reserve)
+            for i, q in enumerate(questions)
+        ]
+        outs = system.generator.generate(prompts, reserve)
         pairs = list(zip(outs, [e.answer for e in examples], strict=True))
+        out["exact_match"] = float(np.mean([exact_match(o, r) for o, r in pairs]))
         out["f1"] = float(np.mean([token_f1(o, r) for o, r in pairs]))
         out["rouge_l"] = float(np.mean([rouge_l(o, r) for o, r in pairs]))
     return out

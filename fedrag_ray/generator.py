@@ -228,18 +228,25 @@ class Generator:
                 ids, n = head[-(max_len - len(ans)) :] + ans, len(ans)
             rows.append(ids)
             n_ans.append(n)
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        ids_t, mask, pos = self._left_pad(rows)
+        labels = torch.full(ids_t.shape, -100, dtype=torch.long)
+        width = ids_t.shape[1]
         for i, (r, n) in enumerate(zip(rows, n_ans, strict=True)):
-            ids_t[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
             labels[i, width - n :] = torch.tensor(r[len(r) - n :])
+        return ids_t, mask, pos, labels.to(self.device)
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, position_ids) on the device, left-padded so every
+        row ends at the last position; positions count from each row's first token."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         dev = self.device
-        return ids_t.to(dev), mask.to(dev), pos.to(dev), labels.to(dev)
+        return ids.to(dev), mask.to(dev), pos.to(dev)
 
     # ------------------------------------------------------------------ scoring
 
@@ -311,14 +318,7 @@ class Generator:
     ) -> torch.Tensor:
         dev, pad = self.device, self.tokenizer.pad_token_id
         n, n_opt = len(prompt_ids), len(option_ids[0])
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+        ids, mask, pos = self._left_pad(prompt_ids)
         with self.autocast():
             out = self.model(
                 input_ids=ids,
@@ -382,17 +382,11 @@ class Generator:
         outs: dict[int, str] = {}
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
-            width = max(len(enc[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(chunk):
-                ids[r, width - len(enc[i]) :] = torch.tensor(enc[i])
-                mask[r, width - len(enc[i]) :] = 1
+            ids, mask, _ = self._left_pad([enc[i] for i in chunk])
+            width = ids.shape[1]
             with self.autocast():
                 out = self.model.generate(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    generation_config=gen_cfg,
+                    input_ids=ids, attention_mask=mask, generation_config=gen_cfg
                 )
             for r, i in enumerate(chunk):
                 outs[i] = self.tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()

@@ -74,7 +74,9 @@ class RAGSystem:
     def prompt(self, question: str, passages: str | list[str] | None, reserve: int = 8) -> str:
         """The prompt for ``question`` with ``passages`` (rank order) fitted by
         :meth:`fit_passages`, wrapped in the chat template if enabled."""
-        kept = self.fit_passages(question, passages, reserve)
+        return self._render(question, self.fit_passages(question, passages, reserve))
+
+    def _render(self, question: str, kept: list[str]) -> str:
         template = self.cfg.rag.prompt_template
         return self.generator.format_prompt(
             template.format(passage="\n".join(kept), question=question)
@@ -130,8 +132,7 @@ class RAGSystem:
         reserve = self.cfg.rag.max_new_tokens
         kept = self.fit_passages(question, [p.text for p in passages], reserve)
         used = passages[: len(kept)]
-        prompt = self.prompt(question, kept, reserve)
-        text = self.generator.generate([prompt], reserve)
+        text = self.generator.generate([self._render(question, kept)], reserve)
         return RagAnswer(question, text[0], used, scores[0][valid][: len(used)].tolist())
 
     # ------------------------------------------------------------------ trainable state
