@@ -11,7 +11,9 @@ training step. Runs (all trained runs at the same total number of local steps):
 - ``central_ralt``, ``central_lsr`` (the real generator as LSR's teacher), ``central_both``
   (RA-DIT, alternating), ``central_ralt_4bit`` (QLoRA: NF4 base, same steps);
 - ``fed8_iid_both``, ``fed8_dirichlet0.3_both``: 8 clients, 4 rounds, FedAvg;
-- ``central_ralt_long``: RALT on LONG_ANSWER, token F1 / ROUGE-L of generated answers.
+- ``central_ralt_long``: RALT on LONG_ANSWER, token F1 / ROUGE-L of generated answers;
+- ``central_lsr_long`` (the teacher scores the long answer), ``central_lsr_posterior``
+  (label teacher, ``train.lsr.target: posterior``).
 
 Each run is its own subprocess (so its peak memory is its own) and writes its row as soon
 as it ends; ``--resume`` keeps rows whose config is unchanged (the config hash is in the
@@ -138,6 +140,10 @@ def all_runs(
         # passage helps, the long answer (the abstract's conclusion) says much more.
         "central_lsr_long": apply_overrides(
             long_answers(raw), {"train.method": "lsr", "eval.generate": False}
+        ),
+        # the same label-teacher LSR with the retriever's own p_R as the teacher's prior
+        "central_lsr_posterior": apply_overrides(
+            raw, {"train.method": "lsr", "train.lsr.target": "posterior"}
         ),
         **extra,
     }
@@ -273,11 +279,13 @@ def targets(rows: dict[str, Any]) -> dict[str, Any]:
             return None
         return {">": a > b, ">=": a >= b}[op]
 
-    zs_lsr_drop = zs_lsr_long_drop = None
+    zs_lsr_drop = zs_lsr_long_drop = zs_lsr_post_drop = None
     if get("central_lsr", "recall@5") is not None and get("zero_shot", "recall@5") is not None:
         zs_lsr_drop = get("zero_shot", "recall@5") - get("central_lsr", "recall@5")
     if get("central_lsr_long", "recall@5") is not None and get("zero_shot_long", "recall@5"):
         zs_lsr_long_drop = get("zero_shot_long", "recall@5") - get("central_lsr_long", "recall@5")
+    if get("central_lsr_posterior", "recall@5") is not None and get("zero_shot", "recall@5"):
+        zs_lsr_post_drop = get("zero_shot", "recall@5") - get("central_lsr_posterior", "recall@5")
     fed_gap = None
     if get("fed8_iid_both", "accuracy") is not None and get("central_both", "accuracy"):
         fed_gap = abs(get("fed8_iid_both", "accuracy") - get("central_both", "accuracy"))
@@ -306,6 +314,7 @@ def targets(rows: dict[str, Any]) -> dict[str, Any]:
         "ralt_accuracy_at_least_0.60 (stretch)": check(get("central_ralt", "accuracy"), ">=", 0.6),
         "lsr_recall@5_drop (target <= 0.01)": zs_lsr_drop,
         "lsr_long_answer_teacher_recall@5_drop (50 questions)": zs_lsr_long_drop,
+        "lsr_posterior_target_recall@5_drop": zs_lsr_post_drop,
         "fed_iid_vs_central_both_accuracy_gap (target <= 0.02)": fed_gap,
         "fp32_minus_4bit_ralt_accuracy (target <= 0.02)": q_gap,
         "gemma3_270m_ralt_accuracy": gemma,

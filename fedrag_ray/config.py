@@ -141,9 +141,15 @@ class RagConfig(_Strict):
 
 
 class LsrConfig(_Strict):
+    """``target: lm`` is REPLUG's p_LM(d|q,a) ∝ P(a|q,d)^(1/β) (a uniform prior over the
+    top-k); ``posterior`` multiplies in the retriever's own detached p_R(d|q) (EMDR²'s
+    posterior): a teacher that cannot tell the passages apart then leaves the retriever
+    where it is instead of flattening it toward uniform."""
+
     tau: float = Field(0.1, gt=0.0)
     beta: float = Field(1.0, gt=0.0)
     k: int = Field(5, ge=2)
+    target: Literal["lm", "posterior"] = "lm"
 
 
 class RaltConfig(_Strict):

@@ -46,6 +46,9 @@ def lsr_distributions(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p_R with grad, log p_LM without grad, valid), all shaped (batch, k).
 
+    p_LM is the teacher: REPLUG's softmax(log P(a|q,d)/β), or with ``lsr.target:
+    posterior`` that times the detached p_R (see ``LsrConfig``).
+
     ANN indexes may return fewer than k hits (index -1): those entries are masked out of
     both distributions (log-prob -inf, ``valid`` False) instead of crashing or scoring
     passage -1. Both live on the query encoder's device."""
@@ -73,6 +76,8 @@ def lsr_distributions(
         rows = torch.tensor([b for b, _ in pairs], device=q.device)
         cols = torch.tensor([j for _, j in pairs], device=q.device)
         scores[rows, cols] = lm_logp.float().to(q.device) / cfg.beta
+        if cfg.target == "posterior":  # p(d|q,a) ∝ p_R(d|q) · P(a|q,d)^(1/β)
+            scores = scores + log_p_r.detach().float()
         log_p_lm = F.log_softmax(scores, dim=-1)
     return log_p_r, log_p_lm, valid
 

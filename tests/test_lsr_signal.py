@@ -11,6 +11,8 @@ not. ``benchmarks/lsr_context_lm.py`` is the full-size version of this check.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -129,13 +131,22 @@ def test_lsr_with_a_context_reading_lm_raises_held_out_recall():
             wins.append(mine[int(logp.argmax())].doc_id == e.gold_doc_ids[0])
         assert np.mean(wins) >= 0.8, wins
 
-    local_train(teacher, train, store, key=(0, 0), steps=40)
-    local_train(untrained, train, store, key=(0, 0), steps=40)
+    # the same two runs with the posterior target (p_R · P(a|q,d)): it follows the
+    # informative teacher too. A confidently wrong teacher (the untrained LM) still drags
+    # it down: the prior slows the pull, it cannot tell a wrong teacher from a right one.
+    teacher_post, untrained_post = copy.deepcopy(teacher), copy.deepcopy(untrained)
+    for system in (teacher_post, untrained_post):
+        system.cfg.train.lsr.target = "posterior"
+    for system in (teacher, untrained, teacher_post, untrained_post):
+        local_train(system, train, store, key=(0, 0), steps=40)
     after, after_untrained = _recall1(teacher, held), _recall1(untrained, held)
+    after_post, after_untrained_post = _recall1(teacher_post, held), _recall1(untrained_post, held)
     print(
         f"held-out recall@1: before {before:.3f}, LSR with the context-reading teacher "
-        f"{after:.3f}, with the untrained teacher {after_untrained:.3f}; "
+        f"{after:.3f}, with the untrained teacher {after_untrained:.3f}; posterior target "
+        f"{after_post:.3f} / {after_untrained_post:.3f}; "
         f"teacher prefers gold on {np.mean(wins):.2f} of held-out people"
     )
     assert after >= before + 0.25, (before, after)
     assert after_untrained < after - 0.25, (after_untrained, after)
+    assert after_post >= before + 0.25, (before, after_post)

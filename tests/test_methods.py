@@ -258,6 +258,32 @@ def test_both_alternate_counts_the_global_step_across_calls(make_system, example
     assert _l2_diff(system.generator.model, g1, lora_only=True) == 0
 
 
+def test_lsr_posterior_target_multiplies_in_the_retriever(make_system, examples, small_store):
+    """``lsr.target: posterior`` is p_R(d|q)·P(a|q,d)^(1/β) renormalised; a teacher that
+    cannot tell the passages apart (β huge) then gives KL ≈ 0, where REPLUG's target pulls
+    the retriever toward uniform."""
+    system = make_system(**{"train.method": "lsr", "train.lsr.k": 4})
+    batch = examples[:3]
+    torch.manual_seed(0)
+    log_p_r, log_p_lm, _ = lsr_distributions(system, batch, small_store)
+    system.cfg.train.lsr.target = "posterior"
+    torch.manual_seed(0)
+    log_p_r2, log_post, _ = lsr_distributions(system, batch, small_store)
+    torch.testing.assert_close(log_p_r2.detach(), log_p_r.detach())
+    hand = torch.log_softmax(log_p_lm + log_p_r.detach(), dim=-1)
+    torch.testing.assert_close(log_post, hand, atol=1e-5, rtol=0)
+    assert log_post.grad_fn is None
+
+    system.cfg.train.lsr.beta = 1e6  # P(a|q,d)^(1/β) ≈ 1 for every passage
+    torch.manual_seed(0)
+    flat_posterior = float(lsr_loss(system, batch, small_store).detach())
+    system.cfg.train.lsr.target = "lm"
+    torch.manual_seed(0)
+    flat_replug = float(lsr_loss(system, batch, small_store).detach())
+    assert abs(flat_posterior) < 1e-5
+    assert flat_replug > 1e-3  # KL(uniform || p_R): the flattening pull
+
+
 def test_lsr_masks_ann_misses(make_system, examples, retriever, small_store):
     """An IVF index probing one small list returns fewer than k hits (index -1): those
     entries drop out of p_R and p_LM (no crash, no passage -1 scored) and the KL runs
