@@ -205,7 +205,16 @@ def _rag_system(job: dict[str, Any], workdir: Path) -> Any:
     from fed_rag.generators.huggingface import HFPretrainedModelGenerator
     from fed_rag.knowledge_stores.in_memory import InMemoryKnowledgeStore
 
-    generator = HFPretrainedModelGenerator(model_name=job["generator"])
+    if job.get("generator_adapter"):  # LoRA: fed-rag then sends the adapters only
+        from fed_rag.generators.huggingface import HFPeftModelGenerator
+
+        generator = HFPeftModelGenerator(
+            model_name=job["generator_adapter"],
+            base_model_name=job["generator"],
+            load_model_kwargs={"is_trainable": True},
+        )
+    else:
+        generator = HFPretrainedModelGenerator(model_name=job["generator"])
     store = InMemoryKnowledgeStore(name=KS_NAME, cache_dir=str(workdir / "ks"))
     store.load()
     return RAGSystem(
@@ -301,7 +310,12 @@ def run_server(job: dict[str, Any], workdir: Path) -> None:
     manager = _manager(job, rag_system, job["rows"], workdir / "hf-server")
     fl_task = manager.get_federated_task()
     model = manager.model
-    keys = list(model.state_dict().keys())
+    if job.get("generator_adapter") and job["method"] == "ralt":  # _get_weights' keys
+        from peft.utils import get_peft_model_state_dict
+
+        keys = list(get_peft_model_state_dict(model).keys())
+    else:
+        keys = list(model.state_dict().keys())
     k = job["clients"]
     if job["strategy"] == "peer-default":
         server = fl_task.server(model=model)
@@ -487,7 +501,15 @@ def run_post(job: dict[str, Any], workdir: Path) -> None:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(job["generator"])
-    init = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    if job["method"] == "ralt" and job.get("generator_adapter"):
+        from peft import PeftModel
+        from peft.utils import get_peft_model_state_dict
+
+        peft_model = PeftModel.from_pretrained(model, job["generator_adapter"])
+        state = get_peft_model_state_dict(peft_model)
+    else:
+        state = model.state_dict()
+    init = {k: v.detach().cpu().numpy() for k, v in state.items()}
     final = np.load(final_path)
     sq = init_sq = 0.0
     changed = 0
@@ -662,6 +684,9 @@ def launch(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "seed": args.seed,
         "generator": str(Path(args.generator).resolve()),
+        "generator_adapter": (
+            str(Path(args.generator_adapter).resolve()) if args.generator_adapter else None
+        ),
         "retriever_path": args.retriever,
         "retriever_mode": args.retriever_mode,
         "strategy": args.strategy,
@@ -911,6 +936,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--top-k", type=int, default=2, help="passages retrieved per query")
     p.add_argument("--generator", help="HF causal-LM dir (save_pretrained, with tokenizer)")
+    p.add_argument(
+        "--generator-adapter",
+        default=None,
+        help="PEFT LoRA dir on --generator: RALT trains and sends these adapters only",
+    )
     p.add_argument("--retriever", default=None, help="sentence-transformers dir (MiniLM)")
     p.add_argument("--retriever-mode", choices=["dual", "shared"], default="dual")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="PubMedQA JSON or JSONL")
