@@ -97,7 +97,12 @@ def run(name: str, raw: dict[str, Any], work: Path, faults: str = "") -> dict[st
         os.environ.pop("FEDRAG_RAY_FAULTS", None)
     t = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
-    res = run_federated(config_from_dict(raw), work / name)
+    cpu_marks: dict[int, float] = {}  # round -> tree CPU seconds when it ended (0: initial eval)
+
+    def on_round(row: dict[str, Any]) -> None:
+        cpu_marks[row["round"]] = tree_cpu_seconds()
+
+    res = run_federated(config_from_dict(raw), work / name, on_round=on_round)
     os.environ.pop("FEDRAG_RAY_FAULTS", None)
     rounds = [h for h in res["history"] if h["round"] > 0]
     out = {
@@ -106,6 +111,13 @@ def run(name: str, raw: dict[str, Any], work: Path, faults: str = "") -> dict[st
         "metrics_before": {k: res["metrics_before"].get(k) for k in KEYS},
         "metrics_after": {k: res["metrics_after"].get(k) for k in KEYS},
         "round_seconds": [h["round_seconds"] for h in rounds],
+        # CPU seconds of the whole process tree (driver, Ray, actors) from one round's end to
+        # the next: what the round cost, whatever else shares the machine
+        "round_cpu_seconds": [
+            cpu_marks[h["round"]] - cpu_marks[h["round"] - 1]
+            for h in rounds
+            if h["round"] - 1 in cpu_marks
+        ],
         "bytes_per_round": [h["bytes_sent"] + h["bytes_received"] for h in rounds],
         "train_loss": [h["train_loss"] for h in rounds],
         "failures": [h["failure_reasons"] for h in rounds if h["failure_reasons"]],
@@ -122,6 +134,21 @@ def run(name: str, raw: dict[str, Any], work: Path, faults: str = "") -> dict[st
     )
     out["_arrays"] = res["final_arrays"]
     return out
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all its live descendants."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
 
 
 def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -148,6 +175,14 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--attack-factor", type=float, default=10.0)
     ap.add_argument("--parts", nargs="+", default=["dp", "secagg", "robust"])
+    ap.add_argument(
+        "--secagg-repeats", type=int, default=1, help="plain / SecAgg+ pairs, alternating"
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the parts of the existing JSON that this invocation does not run",
+    )
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     args = ap.parse_args()
     if args.replot:
@@ -212,22 +247,41 @@ def main() -> None:
         cfg = json.loads(json.dumps(raw))
         cfg["federation"]["privacy"] = {"secagg": {"enabled": True}}
         s = runs["secagg"] = run("secagg", cfg, args.work)
+        plains, secaggs = [plain], [s]
+        for i in range(2, args.secagg_repeats + 1):  # alternate: secagg first, then plain
+            runs[f"secagg_{i}"] = run(f"secagg_{i}", cfg, args.work)
+            runs[f"fedavg_{i}"] = run(f"fedavg_{i}", raw, args.work)
+            secaggs.append(runs[f"secagg_{i}"])
+            plains.append(runs[f"fedavg_{i}"])
 
         def steady(xs: list[float]) -> float:
             return float(np.median(xs[1:] if len(xs) > 1 else xs))
 
+        def steady_of(rs: list[dict[str, Any]], key: str) -> float:
+            return float(np.median([steady(r[key]) for r in rs]))
+
         out["secagg"] = {
             "note": "round 1 includes the second actor loading its models; steady = median "
-            "of rounds 2..R. Plain bytes = adapters down + up; SecAgg+ bytes = every payload "
-            "of its four stages (keys, encrypted shares, masked vectors, unmask shares).",
-            "plain_round_seconds": plain["round_seconds"],
-            "secagg_round_seconds": s["round_seconds"],
-            "plain_steady_s": steady(plain["round_seconds"]),
-            "secagg_steady_s": steady(s["round_seconds"]),
+            "of rounds 2..R, then median over the repeats. CPU = seconds of the whole process "
+            "tree per round (robust to other load, unlike wall seconds). Plain bytes = "
+            "adapters down + up; SecAgg+ bytes = every payload of its four stages (keys, "
+            "encrypted shares, masked vectors, unmask shares).",
+            "repeats": args.secagg_repeats,
+            "plain_round_seconds": [r["round_seconds"] for r in plains],
+            "secagg_round_seconds": [r["round_seconds"] for r in secaggs],
+            "plain_round_cpu_seconds": [r["round_cpu_seconds"] for r in plains],
+            "secagg_round_cpu_seconds": [r["round_cpu_seconds"] for r in secaggs],
+            "plain_steady_s": steady_of(plains, "round_seconds"),
+            "secagg_steady_s": steady_of(secaggs, "round_seconds"),
+            "plain_steady_cpu_s": steady_of(plains, "round_cpu_seconds"),
+            "secagg_steady_cpu_s": steady_of(secaggs, "round_cpu_seconds"),
+            "cpu_seconds_ratio": steady_of(secaggs, "round_cpu_seconds")
+            / steady_of(plains, "round_cpu_seconds"),
             "plain_bytes_per_round": plain["bytes_per_round"][0],
             "secagg_bytes_per_round": s["bytes_per_round"][0],
             "bytes_ratio": s["bytes_per_round"][0] / plain["bytes_per_round"][0],
-            "seconds_ratio": steady(s["round_seconds"]) / steady(plain["round_seconds"]),
+            "seconds_ratio": steady_of(secaggs, "round_seconds")
+            / steady_of(plains, "round_seconds"),
             "final_adapter_distance_to_plain": distance(s["_arrays"], plain["_arrays"]),
             "final_adapter_norm_plain": float(
                 np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in plain["_arrays"].values()))
@@ -263,6 +317,15 @@ def main() -> None:
         out["robust"] = {"faults": faults, "rows": rows}
 
     out["runs"] = {k: {x: y for x, y in v.items() if x != "_arrays"} for k, v in runs.items()}
+    saved_path = args.out / "privacy_robustness.json"
+    if args.merge and saved_path.exists():  # the parts not run here stay as measured before
+        saved = json.loads(saved_path.read_text())
+        for part in ("dp", "secagg", "robust"):
+            if part not in out and part in saved:
+                out[part] = saved[part]
+                out.setdefault("kept_from_earlier_run", {})[part] = saved.get("date")
+        out["runs"] = {**saved.get("runs", {}), **out["runs"]}
+        out["earlier_command"] = saved.get("command")
     out["total_minutes"] = (time.perf_counter() - t0) / 60
     out["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
