@@ -246,13 +246,13 @@ def index_build(
         if target is None:
             raise ConfigError("knowledge_store.path: set it in the config or pass --output")
         from fedrag_ray.knowledge_store import KnowledgeStore
+        from fedrag_ray.provenance import store_provenance
 
         data = load_dataset_from_config(cfg.data)
         retriever = BiEncoderRetriever(cfg.retriever.model_copy(update={"train": "none"}))
         ks = cfg.knowledge_store
-        store = KnowledgeStore(
-            retriever.dim, ks.index, ks.n_shards, ks.nlist, ks.nprobe, ks.hnsw_m, ks.device
-        )
+        store = KnowledgeStore.from_config(retriever.dim, ks)
+        store.provenance = store_provenance(retriever, data.passages, ks)
         t = time.perf_counter()
         batch = 256
         with _progress() as progress:

@@ -38,7 +38,8 @@ from fedrag_ray.federated.client_app import (
 from fedrag_ray.federated.ray_backend import fedrag_backend
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
 from fedrag_ray.federated.server_app import FederatedServer, make_server_app, process_tree_rss
-from fedrag_ray.knowledge_store import KnowledgeStore
+from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStore, read_manifest
+from fedrag_ray.provenance import check_provenance, shard_provenance
 from fedrag_ray.runtime import configure_process, quiet_env, verbose
 
 SHARD_WRITERS = 8  # concurrent shard saves: the fsyncs of KnowledgeStore.save overlap
@@ -49,7 +50,9 @@ def build_client_shards(
 ) -> int:
     """Private knowledge per client: the passages of the documents its own questions come
     from (``private``), plus the public passages no client owns (``both``). Vectors are
-    sliced from the global store, never re-embedded. Skips shards already on disk.
+    sliced from the global store, never re-embedded. A shard already on disk is reused
+    only if its manifest records this partition, corpus, encoder and index (else the
+    run stops naming what changed: ``provenance``).
 
     Shards are saved from a small thread pool: each save fsyncs its files, and one at a
     time that is ~20 ms per client (1,000 clients: 22 s; 8 writers: 1.6 s)."""
@@ -62,9 +65,17 @@ def build_client_shards(
     owned = {d for e in data.train for d in e.gold_doc_ids}
     public = [i for d, idx in by_doc.items() if d not in owned for i in idx]
     ks = cfg.knowledge_store
+    expected = shard_provenance(cfg, store.provenance)
     jobs: list[tuple[int, list[int]]] = []
     for c, part in enumerate(parts):
-        if (store_dir(root, c) / "manifest.json").exists():
+        path = store_dir(root, c)
+        if (path / MANIFEST).exists():
+            check_provenance(
+                path,
+                read_manifest(path).get("provenance") or {},
+                expected,
+                f"delete {root / 'clients'} or set federation.shard_dir to a new directory",
+            )
             continue
         docs = {d for i in part for d in data.train[i].gold_doc_ids}
         idx = [i for d in sorted(docs) for i in by_doc.get(d, [])]
@@ -76,8 +87,9 @@ def build_client_shards(
 
     def build(job: tuple[int, list[int]]) -> None:
         c, idx = job
-        shard = KnowledgeStore(store.dim, ks.index, 1, ks.nlist, ks.nprobe, ks.hnsw_m)
-        shard.add([store.passages[i] for i in idx], store.embeddings[idx])
+        shard = KnowledgeStore.from_config(store.dim, ks.model_copy(update={"n_shards": 1}))
+        shard.add([store.passages[i] for i in idx], store.vectors(np.asarray(idx)))
+        shard.provenance = expected
         shard.save(store_dir(root, c))
 
     with ThreadPoolExecutor(max_workers=SHARD_WRITERS) as pool:
