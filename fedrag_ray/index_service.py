@@ -14,10 +14,11 @@ that started them and stopped by it (:func:`stop`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import ray
 
 from fedrag_ray.data import Passage
+from fedrag_ray.fusion import merge_top_k
 from fedrag_ray.knowledge_store import passages_file, read_manifest, read_shard
 
 ACTOR_PREFIX = "fedrag-index"
@@ -59,21 +61,6 @@ class PassageFile:
                 f.seek(int(self.offsets[r]))
                 out.append(json.loads(f.readline()))
         return out
-
-
-def merge_top_k(
-    scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard (nq, k_i) results into one top-k per query: highest score first,
-    ties by lower id (the order FAISS keeps), missing hits (-1) last."""
-    s = np.concatenate(scores, axis=1).astype(np.float32)
-    i = np.concatenate(ids, axis=1).astype(np.int64)
-    key = np.where(i >= 0, -s.astype(np.float64), np.inf)
-    order = np.lexsort((i, key), axis=1)[:, :k]
-    top_s, top_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-    missing = top_i < 0
-    top_s[missing], top_i[missing] = -np.finfo(np.float32).max, -1
-    return top_s, top_i
 
 
 @ray.remote
@@ -113,6 +100,14 @@ class ShardActor:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """IVF search breadth (a search setting: the index itself is unchanged)."""
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            ivf.nprobe = min(nprobe, ivf.nlist)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
@@ -229,3 +224,19 @@ def start(
 def stop(store: ServedStore) -> None:
     for h in store.handles:
         ray.kill(h)
+
+
+@contextlib.contextmanager
+def serving(store_path: str | Path, num_cpus: float = 0.0) -> Iterator[ServedStore]:
+    """Serve the store for the duration of a block (``ask``), starting a local Ray if
+    none is running, and stopping what was started here."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    store, _ = start(store_path, num_cpus)
+    try:
+        yield store
+    finally:
+        stop(store)
+        if started:
+            ray.shutdown()

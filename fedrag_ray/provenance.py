@@ -103,11 +103,17 @@ def partition_record(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def shard_provenance(cfg: ExperimentConfig, global_provenance: dict[str, Any]) -> dict[str, Any]:
-    """A private shard: sliced from the global store (its corpus and encoder), by this
-    partition; its index is always one shard of the configured type."""
-    ks = cfg.knowledge_store.model_copy(update={"n_shards": 1})
+def shard_provenance(
+    cfg: ExperimentConfig, global_provenance: dict[str, Any], role: str = "private"
+) -> dict[str, Any]:
+    """A private shard (one FAISS shard) or the public store (the passages no client
+    owns, ``knowledge: both``; sharded as configured): sliced from the global store (its
+    corpus and encoder) by this partition."""
+    ks = cfg.knowledge_store
+    if role == "private":
+        ks = ks.model_copy(update={"n_shards": 1})
     return {
+        "role": role,
         "encoder": global_provenance.get("encoder"),
         "corpus_sha256": global_provenance.get("passages_sha256"),
         "index": index_record(ks),

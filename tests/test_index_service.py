@@ -101,7 +101,7 @@ def test_streamed_ivfpq_store_served_equals_local(ray_local, tmp_path):
 
 
 def test_merge_top_k_orders_by_score_then_id_and_drops_missing():
-    from fedrag_ray.index_service import merge_top_k
+    from fedrag_ray.fusion import merge_top_k
 
     s1, i1 = np.array([[0.9, 0.5, 0.1]]), np.array([[4, 7, -1]])
     s2, i2 = np.array([[0.5, 0.3, 0.2]]), np.array([[2, 9, 11]])
