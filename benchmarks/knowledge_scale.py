@@ -24,7 +24,8 @@ into every shard), measured in one run on one Ray:
                     every 0.25 s.
 
 Vectors: a low-rank Gaussian mixture (1,024 centres in a 64-d latent space, mapped to
-384-d, plus isotropic noise, L2-normalised), seeded per chunk; queries are fresh draws.
+384-d, plus 384-d noise rows gathered from a fixed bank of 65,536, L2-normalised), seeded
+per chunk; queries are fresh draws.
 Stores go under --work (default benchmarks/results/tmp/knowledge_scale, not in git) and
 are deleted after each size unless --keep. The machine is shared: compare ratios within
 one run, and read the load average recorded in the JSON.
@@ -46,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
 
-DIM, LATENT, CENTRES, CHUNK = 384, 64, 1024, 250_000
+DIM, LATENT, CENTRES, CHUNK, NOISE_ROWS = 384, 64, 1024, 250_000, 65_536
 MiB = 2**20
 
 
@@ -57,6 +58,9 @@ class Synthetic:
         rng = np.random.default_rng(seed)
         self.w = rng.standard_normal((LATENT, DIM), dtype=np.float32) / np.sqrt(LATENT)
         self.centres = rng.standard_normal((CENTRES, LATENT), dtype=np.float32)
+        # 384-d noise rows drawn once and gathered per vector: drawing 10M x 384 fresh
+        # normals took ~50 s per million on this (loaded) machine
+        self.noise = 0.05 * rng.standard_normal((NOISE_ROWS, DIM), dtype=np.float32)
         self.seed = seed
 
     def draw(self, n: int, key: int) -> np.ndarray:
@@ -64,7 +68,7 @@ class Synthetic:
         z = self.centres[rng.integers(CENTRES, size=n)]
         z += 0.5 * rng.standard_normal((n, LATENT), dtype=np.float32)
         x = z @ self.w
-        x += 0.05 * rng.standard_normal((n, DIM), dtype=np.float32)
+        x += self.noise[rng.integers(NOISE_ROWS, size=n)]
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         return x
 
@@ -150,7 +154,9 @@ def build_store(
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(found, exact)]))
+    return float(
+        np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(found, exact, strict=True)])
+    )
 
 
 def timed_search(search: Any, queries: np.ndarray, batch: int) -> tuple[np.ndarray, float]:
@@ -210,28 +216,28 @@ def make_probe_class():
     return ClientProbe
 
 
-def local_index(path: Path) -> Any:
+class LocalIndex:
     """The same FAISS shards in this process, searched as one (the qps baseline)."""
-    import faiss
 
-    from fedrag_ray.knowledge_store import read_manifest, read_shard
+    def __init__(self, path: Path) -> None:
+        import faiss
 
-    manifest = read_manifest(path)
-    shards = [read_shard(path, i, manifest) for i in range(manifest["shard_files"])]
-    index = faiss.IndexShards(DIM, False, True)
-    for s in shards:
-        index.add_shard(s)
-    index.keep = shards  # keep the shards alive
-    return index
+        from fedrag_ray.knowledge_store import read_manifest, read_shard
 
+        manifest = read_manifest(path)
+        self.shards = [read_shard(path, i, manifest) for i in range(manifest["shard_files"])]
+        self.index = faiss.IndexShards(DIM, False, True)
+        for shard in self.shards:
+            self.index.add_shard(shard)
 
-def set_nprobe(index: Any, nprobe: int) -> None:
-    import faiss
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, k)
 
-    for i in range(index.count()) if hasattr(index, "count") else []:
-        ivf = faiss.try_extract_index_ivf(faiss.downcast_index(index.at(i)))
-        if ivf is not None:
-            ivf.nprobe = nprobe
+    def set_nprobe(self, nprobe: int) -> None:
+        import faiss
+
+        for shard in self.shards:
+            faiss.try_extract_index_ivf(shard).nprobe = nprobe
 
 
 def run_size(
@@ -259,14 +265,14 @@ def run_size(
     }
 
     faiss.omp_set_num_threads(1)
-    local = local_index(path)
+    local = LocalIndex(path)
     served, infos = index_service.start(path)
     try:
         Probe = make_probe_class()
         rows = []
         for nprobe in args.nprobe if kind != "flat" else [None]:
             if nprobe is not None:
-                set_nprobe(local, nprobe)
+                local.set_nprobe(nprobe)
                 ray.get([h.set_nprobe.remote(nprobe) for h in served.handles])
             local_ids, local_qps = timed_search(local.search, queries, 16)
             served_ids, served_qps = timed_search(served.search, queries, 16)
@@ -297,7 +303,7 @@ def run_size(
             "k": args.clients,
             "rss_before_bytes": before,
             "rss_after_bytes": [a for a, _ in after],
-            "added_bytes": [a - b for (a, _), b in zip(after, before)],
+            "added_bytes": [a - b for (a, _), b in zip(after, before, strict=True)],
             "aggregate_qps": float(sum(q for _, q in after)),
         }
         for p in probes:
@@ -356,7 +362,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     a.set_yscale("symlog")
     a.set_ylabel("MiB added per client actor")
     a.legend()
-    for r, lbl in zip(rows, labels):
+    for r, lbl in zip(rows, labels, strict=True):
         for s in r["search"]:
             tag = f"{lbl}" + (f" nprobe {s['nprobe']}" if s["nprobe"] else "")
             b.scatter(s["local_recall@10"], s["local_qps"], marker="o", label=f"local {tag}")
@@ -375,13 +381,13 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--queries", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=128)
     ap.add_argument("--flat-max", type=int, default=2_000_000, help="larger N: ivfpq")
     ap.add_argument("--local-copy-max", type=int, default=2_000_000)
-    ap.add_argument("--nlist", type=int, default=512)
+    ap.add_argument("--nlist", type=int, default=256)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--pq-m", type=int, default=48)
-    ap.add_argument("--train-sample", type=int, default=50_000)
+    ap.add_argument("--train-sample", type=int, default=20_000)
     ap.add_argument("--work", default=str(RESULTS / "tmp" / "knowledge_scale"))
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--name", default="knowledge_scale")

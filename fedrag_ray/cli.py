@@ -288,7 +288,6 @@ def index_build(
         retriever = BiEncoderRetriever(cfg.retriever.model_copy(update={"train": "none"}))
         ks = cfg.knowledge_store
         store = KnowledgeStore.from_config(retriever.dim, ks)
-        store.provenance = store_provenance(retriever, data.passages, ks)
         t = time.perf_counter()
         batch = 256
         with _progress() as progress:
@@ -297,6 +296,7 @@ def index_build(
                 chunk = data.passages[i : i + batch]
                 store.add(chunk, retriever.encode_passages([p.text for p in chunk]))
                 progress.update(task, advance=len(chunk))
+        store.provenance = store_provenance(retriever, data.passages, ks)
         store.save(target)
         table = Table(title="knowledge store")
         table.add_column("field")

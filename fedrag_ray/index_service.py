@@ -198,8 +198,8 @@ def start(
     store_path: str | Path, num_cpus: float = 0.0, name: str | None = None
 ) -> tuple[ServedStore, list[dict[str, Any]]]:
     """Start one actor per shard of the store at ``store_path`` (Ray must be running),
-    shard i on alive node i mod n (soft: elsewhere if that node is full), and wait until
-    all have loaded. Returns the store handle and each actor's info (node, pid)."""
+    shard i on alive node i mod n, and wait until all have loaded. Returns the store
+    handle and each actor's info (node, pid)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     path = Path(store_path)
@@ -212,8 +212,10 @@ def start(
             ShardActor.options(
                 name=f"{name}/{i}",
                 num_cpus=num_cpus,
+                # hard: a soft affinity fell back to the head node when the target
+                # node's CPUs were all held by client actors (zero-CPU actor or not)
                 scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    nodes[i % len(nodes)], soft=True
+                    nodes[i % len(nodes)], soft=False
                 ),
             ).remote(str(path.resolve()), i, max(1, int(num_cpus)))
         )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +62,10 @@ def passages_file(i: int) -> str:
 
 
 def passage_line(p: Passage) -> str:
-    return json.dumps(asdict(p)) + "\n"
+    # the fields spelled out: dataclasses.asdict deep-copies, ~3x slower at 10M lines
+    return (
+        json.dumps({"id": p.id, "text": p.text, "doc_id": p.doc_id, "metadata": p.metadata}) + "\n"
+    )
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -156,6 +158,7 @@ class KnowledgeStore:
         self.passages.extend(passages)
         self._chunks.append(embeddings)
         self._index = None  # rebuilt lazily; IVF needs all vectors to train
+        self.provenance = {}  # no longer what it was built from: whoever adds, records
 
     def vectors(self, indices: np.ndarray) -> np.ndarray:
         """The stored vectors of passage ``indices`` (any shape; -1 gives row 0)."""

@@ -220,6 +220,7 @@ def _run_federated(
     # and model preparation, so an impossible request fails in seconds, not minutes.
     phase("connecting to Ray")
     started_ray = _init_ray(address, num_cpus)
+    served: list[Any] = []  # shard-actor services started for this run (serve: actors)
     try:
         slots = cluster_client_slots(fed.client_resources)
         num_actors = fed.num_actors or min(slots, fed.sampled)
@@ -234,7 +235,6 @@ def _run_federated(
         phase("loading data")
         data = load_dataset_from_config(cfg.data)
         shards_built: list[int] = []
-        served: list[Any] = []
         shard_actors: list[dict[str, Any]] = []
 
         def prepare_knowledge() -> None:
