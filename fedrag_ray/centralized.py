@@ -24,11 +24,21 @@ from fedrag_ray.runtime import seed_everything
 def prepare_store(
     system: RAGSystem, data: RagDataset, show_progress: bool = False
 ) -> KnowledgeStore:
-    """Load the configured store if it exists (checking it matches), else build it and,
-    when a path is configured, save it for the next run."""
+    """Load the configured store if it exists (checking that it was built from this
+    corpus, encoder and index settings), else build it and, when a path is configured,
+    save it for the next run."""
+    from fedrag_ray.provenance import check_provenance, store_provenance
+
     ks = system.cfg.knowledge_store
     if ks.path and Path(ks.path).exists():
         store = KnowledgeStore.load(ks.path, expected_dim=system.retriever.dim, device=ks.device)
+        expected = store_provenance(system.retriever, data.passages, ks)
+        check_provenance(
+            ks.path,
+            store.provenance,
+            expected,
+            "rebuild it with `fedrag-ray index build` or point knowledge_store.path elsewhere",
+        )
         system.store = store
         return store
     store = system.build_store(data.passages, show_progress)

@@ -187,12 +187,21 @@ def eval_(
     state: Path | None = typer.Option(None, help="trainable_state.npz from a train/simulate run"),
     output: Path | None = typer.Option(None, "--output", "-o"),
     closed_book: bool = typer.Option(False, help="Answer without retrieved passages"),
+    federated: bool = typer.Option(
+        False, help="Each client searches its own knowledge; compare the merge with central"
+    ),
+    address: str | None = typer.Option(None, help="--federated: join a Ray cluster"),
     set_: list[str] | None = Sets,
 ) -> None:
-    """Evaluate retrieval (recall@k, MRR) and answers (accuracy, EM, F1) on held-out data."""
+    """Evaluate retrieval (recall@k, MRR) and answers (accuracy, EM, F1) on held-out data.
+    With --federated: merged federated retrieval vs central retrieval (same corpus)."""
 
     def go() -> None:
         import numpy as np
+
+        if federated:
+            _federated_eval(_load(config, set_), output, address)
+            return
 
         from fedrag_ray.centralized import eval_examples, prepare_store
         from fedrag_ray.data import load_dataset_from_config
@@ -225,6 +234,33 @@ def eval_(
     _run(go)
 
 
+def _federated_eval(cfg: ExperimentConfig, output: Path | None, address: str | None) -> None:
+    from fedrag_ray.data import eval_examples, load_dataset_from_config
+    from fedrag_ray.federated.federated_retrieval import eval_inference, run_federated_retrieval
+
+    if cfg.federation is None:
+        raise ConfigError("federation: eval --federated needs a federation: section")
+    held = eval_examples(cfg, load_dataset_from_config(cfg.data))
+    hook = eval_inference([e.question for e in held], [e.gold_doc_ids for e in held], [1, 5, 10])
+    with console.status("federated retrieval vs central"):
+        res = run_federated_retrieval(cfg, hook, output, address=address)
+    metrics = res["federated_eval"]
+    table = Table(title=f"{cfg.name}: federated retrieval ({cfg.federation.retrieval.merge})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, _fmt(v))
+    console.print(table)
+    if output:
+        from fedrag_ray.atomic import atomic_write_json
+
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            output / "results.json",
+            {"federated_eval": metrics, "config": cfg.model_dump(mode="json")},
+        )
+
+
 @index_app.command("build")
 def index_build(
     config: str = typer.Argument(...),
@@ -246,13 +282,12 @@ def index_build(
         if target is None:
             raise ConfigError("knowledge_store.path: set it in the config or pass --output")
         from fedrag_ray.knowledge_store import KnowledgeStore
+        from fedrag_ray.provenance import store_provenance
 
         data = load_dataset_from_config(cfg.data)
         retriever = BiEncoderRetriever(cfg.retriever.model_copy(update={"train": "none"}))
         ks = cfg.knowledge_store
-        store = KnowledgeStore(
-            retriever.dim, ks.index, ks.n_shards, ks.nlist, ks.nprobe, ks.hnsw_m, ks.device
-        )
+        store = KnowledgeStore.from_config(retriever.dim, ks)
         t = time.perf_counter()
         batch = 256
         with _progress() as progress:
@@ -261,6 +296,7 @@ def index_build(
                 chunk = data.passages[i : i + batch]
                 store.add(chunk, retriever.encode_passages([p.text for p in chunk]))
                 progress.update(task, advance=len(chunk))
+        store.provenance = store_provenance(retriever, data.passages, ks)
         store.save(target)
         table = Table(title="knowledge store")
         table.add_column("field")
@@ -279,11 +315,49 @@ def index_build(
     _run(go)
 
 
+def _federated_ask(
+    cfg: ExperimentConfig, question: str, state: Path | None, address: str | None
+) -> None:
+    """``ask --federated``: every client searches its own knowledge, the server merges."""
+    import numpy as np
+
+    from fedrag_ray.federated.federated_retrieval import ask_inference, run_federated_retrieval
+
+    if cfg.federation is None:
+        raise ConfigError("federation: ask --federated needs a federation: section")
+    arrays = dict(np.load(state)) if state else None
+    k = cfg.rag.generate_passages
+    with console.status("federated retrieval"):
+        res = run_federated_retrieval(cfg, ask_inference([question], k, arrays), address=address)
+    fr = res["federated_retrieval"]
+    merged, texts = fr["merged"][0], fr["merged_texts"][0]
+    used = fr["answers"][0]["passages_used"]
+    print(
+        json.dumps(
+            {
+                "answer": fr["answers"][0]["answer"],
+                "merge": cfg.federation.retrieval.merge,
+                "clients": fr["clients"],
+                "failed_clients": fr["failed"],
+                "sources": [
+                    {**hit, "text": text[:200]}
+                    for hit, text in zip(merged[:used], texts[:used], strict=True)
+                ],
+            },
+            indent=2,
+        )
+    )
+
+
 @app.command()
 def ask(
     config: str = typer.Argument(...),
     question: str = typer.Argument(...),
     state: Path | None = typer.Option(None, help="trainable_state.npz to load"),
+    federated: bool = typer.Option(
+        False, help="Search every client's private knowledge and merge (needs federation:)"
+    ),
+    address: str | None = typer.Option(None, help="--federated: join a Ray cluster"),
     set_: list[str] | None = Sets,
 ) -> None:
     """Answer one question with the RAG pipeline and show the passages it used."""
@@ -296,12 +370,27 @@ def ask(
         from fedrag_ray.rag import RAGSystem
 
         cfg = _load(config, set_)
+        if federated:
+            _federated_ask(cfg, question, state, address)
+            return
         data = load_dataset_from_config(cfg.data)
         system = RAGSystem(cfg)
         if state:
             system.load_trainable_state(dict(np.load(state)))
-        prepare_store(system, data)
-        ans = system.answer(question)
+        if cfg.knowledge_store.serve == "actors":
+            from fedrag_ray import index_service
+            from fedrag_ray.federated.knowledge import ensure_global_store
+
+            if not cfg.knowledge_store.path:
+                raise ConfigError("knowledge_store.path: serve: actors needs a saved store")
+            path = Path(cfg.knowledge_store.path)
+            ensure_global_store(system, data.passages, path)
+            with index_service.serving(path, cfg.knowledge_store.serve_cpus) as served:
+                system.store = served
+                ans = system.answer(question)
+        else:
+            prepare_store(system, data)
+            ans = system.answer(question)
         print(
             json.dumps(
                 {

@@ -110,13 +110,33 @@ class GeneratorConfig(_Strict):
 
 
 class KnowledgeStoreConfig(_Strict):
-    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    """The global index. ``ivfpq`` keeps ``pq_m`` bytes per passage (compressed, for
+    millions of passages). ``serve: local`` loads the whole store into every process
+    that searches it; ``serve: actors`` splits it into ``n_shards`` Ray actors
+    (``index_service``), placed across the cluster's nodes, that every client actor,
+    the server's evaluation and ``ask`` query: a client actor then holds no copy.
+    ``serve_cpus``: Ray CPUs each shard actor reserves (0: they never take a client's
+    slot)."""
+
+    index: Literal["flat", "ivf", "ivfpq", "hnsw"] = "flat"
     n_shards: int = Field(1, ge=1)
     nlist: int = Field(64, ge=1)
     nprobe: int = Field(8, ge=1)
     hnsw_m: int = Field(32, ge=4)
+    pq_m: int = Field(48, ge=1)
     device: Literal["cpu", "gpu"] = "cpu"
     path: str | None = None
+    serve: Literal["local", "actors"] = "local"
+    serve_cpus: float = Field(0.0, ge=0.0)
+
+
+class FederatedRetrievalConfig(_Strict):
+    """Federated retrieval at inference (``ask --federated``, ``federated_eval``): every
+    client searches its private shard, the server merges the top-k lists by ``score``
+    or by reciprocal-rank fusion (``rrf``, 1 / (``rrf_k`` + rank))."""
+
+    merge: Literal["score", "rrf"] = "rrf"
+    rrf_k: int = Field(60, ge=1)
 
 
 class RagConfig(_Strict):
@@ -313,6 +333,7 @@ class FederationConfig(_Strict):
     min_successes: int | None = Field(None, ge=1)
     round_timeout_s: float = Field(3600.0, gt=0.0)
     shard_dir: str | None = None
+    retrieval: FederatedRetrievalConfig = FederatedRetrievalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     validation: ValidationConfig = ValidationConfig()
 

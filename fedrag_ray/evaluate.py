@@ -183,16 +183,13 @@ def evaluate(
     top_k = cfg.rag.top_k
     max_k = max([top_k, 10, *cfg.eval.k_values])
     scores, idx = system.retrieve(questions, max_k, store)
-    doc_ids = [[store.passages[i].doc_id for i in row if i >= 0] for row in idx]
+    retrieved = store.get(idx)  # passages per question, rank order (-1 hits dropped)
+    doc_ids = [[p.doc_id for p in row] for row in retrieved]
     for k in cfg.eval.k_values:
         metrics[f"recall@{k}"] = recall_at_k(doc_ids, gold, k)
     metrics["mrr"] = mean_reciprocal_rank(doc_ids, gold)
 
-    ctx_texts = (
-        None
-        if closed_book
-        else [[store.passages[i].text for i in row[:top_k] if i >= 0] for row in idx]
-    )
+    ctx_texts = None if closed_book else [[p.text for p in row[:top_k]] for row in retrieved]
     weights = (
         None
         if closed_book

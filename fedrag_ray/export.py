@@ -240,8 +240,11 @@ def load_store(source: RunSource, retriever: Any) -> Any:
         return KnowledgeStore.load(path, expected_dim=retriever.dim)
     ks = source.cfg.knowledge_store
     data = load_dataset_from_config(source.cfg.data)
-    store = KnowledgeStore(retriever.dim, ks.index, ks.n_shards, ks.nlist, ks.nprobe, ks.hnsw_m)
+    store = KnowledgeStore.from_config(retriever.dim, ks.model_copy(update={"device": "cpu"}))
     store.add(data.passages, retriever.encode_passages([p.text for p in data.passages]))
+    from fedrag_ray.provenance import store_provenance
+
+    store.provenance = store_provenance(retriever, data.passages, ks)
     store.build()
     return store
 

@@ -33,10 +33,10 @@ def ralt_loss(system: RAGSystem, batch: list[QAExample], store: KnowledgeStore) 
     k = system.cfg.train.ralt.k
     _, idx = system.retrieve([ex.question for ex in batch], k, store)
     prompts, answers = [], []
-    for ex, row in zip(batch, idx, strict=True):
+    for ex, passages in zip(batch, store.get(idx), strict=True):
         reserve = system.answer_reserve(ex.answer)
-        for i in row[row >= 0]:
-            prompts.append(system.prompt(ex.question, store.passages[i].text, reserve))
+        for p in passages:
+            prompts.append(system.prompt(ex.question, p.text, reserve))
             answers.append(ex.answer)
     return system.generator.loss(prompts, answers)
 
@@ -60,16 +60,19 @@ def lsr_distributions(
     _, idx = store.search(q.detach().float().cpu().numpy(), k)
     valid_np = idx >= 0
     valid = torch.from_numpy(valid_np).to(q.device)
-    p_emb = torch.from_numpy(store.embeddings[np.where(valid_np, idx, 0)]).to(q.device)
+    p_emb = torch.from_numpy(store.vectors(idx)).to(q.device)
     sim = torch.einsum("bd,bkd->bk", q, p_emb.to(q.dtype))
     log_p_r = F.log_softmax((sim / cfg.tau).masked_fill(~valid, float("-inf")), dim=-1)
     with torch.no_grad(), eval_mode(system.generator.model):
         pairs = [(b, j) for b in range(len(batch)) for j in range(k) if valid_np[b, j]]
+        texts = {
+            int(i): p.text for i, p in zip(idx[valid_np], store.get(idx[valid_np])[0], strict=True)
+        }
         prompts, answers = [], []
         for b, j in pairs:
             ex = batch[b]
             reserve = system.answer_reserve(ex.answer)
-            prompts.append(system.prompt(ex.question, store.passages[idx[b, j]].text, reserve))
+            prompts.append(system.prompt(ex.question, texts[int(idx[b, j])], reserve))
             answers.append(ex.answer)
         lm_logp, _ = system.generator.answer_logprobs(prompts, answers)
         scores = torch.full((len(batch), k), float("-inf"), device=q.device)

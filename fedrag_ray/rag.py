@@ -52,12 +52,13 @@ class RAGSystem:
     # ------------------------------------------------------------------ knowledge
 
     def build_store(self, passages: list[Passage], show_progress: bool = False) -> KnowledgeStore:
+        from fedrag_ray.provenance import store_provenance
+
         ks = self.cfg.knowledge_store
-        store = KnowledgeStore(
-            self.retriever.dim, ks.index, ks.n_shards, ks.nlist, ks.nprobe, ks.hnsw_m, ks.device
-        )
+        store = KnowledgeStore.from_config(self.retriever.dim, ks)
         emb = self.retriever.encode_passages([p.text for p in passages], show_progress)
         store.add(passages, emb)
+        store.provenance = store_provenance(self.retriever, passages, ks)
         store.build()
         self.store = store
         return store

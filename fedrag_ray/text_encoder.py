@@ -129,7 +129,8 @@ class TextEncoder(torch.nn.Module):
             assert isinstance(pool_cfg, dict), f"{path}: pooling config missing"
             self.pooling = _pooling_mode(pool_cfg, f"retriever model {path}")
         self.dense = torch.nn.ModuleList(
-            _Dense(path, m.get("path", "")) for k, m in zip(kinds, modules, strict=True)
+            _Dense(path, m.get("path", ""))
+            for k, m in zip(kinds, modules, strict=True)
             if k == "Dense"
         )
         dims = [d.linear.out_features for d in self.dense]

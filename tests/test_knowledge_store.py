@@ -122,7 +122,7 @@ def test_empty_store_and_shape_errors():
         store.search(_random(1, 0), 3)
     with pytest.raises(ValueError, match="does not match"):
         store.add(_passages(3), _random(2, 0))
-    with pytest.raises(ValueError, match="flat, ivf, hnsw"):
+    with pytest.raises(ValueError, match="flat, ivf, ivfpq, hnsw"):
         KnowledgeStore(DIM, index="lsh")
 
 
@@ -160,7 +160,7 @@ def test_save_over_existing_store_replaces_it(tmp_path):
     assert sorted(f.name for f in target.iterdir()) == [
         "embeddings.npy",
         MANIFEST,
-        "passages.jsonl",
+        "passages_0.jsonl",
         "shard_0.faiss",
     ]  # no stale shard_1/shard_2 from the 3-shard store
     assert sorted(f.name for f in tmp_path.iterdir()) == ["ks"]  # no tmp or .old left over
@@ -187,15 +187,15 @@ def test_corrupt_truncated_shard(saved):
 
 
 def test_corrupt_truncated_passages_mid_line(saved):
-    text = (saved / "passages.jsonl").read_text()
-    (saved / "passages.jsonl").write_text(text[: len(text) // 2])
+    text = (saved / "passages_1.jsonl").read_text()
+    (saved / "passages_1.jsonl").write_text(text[: len(text) // 2])
     with pytest.raises(KnowledgeStoreError, match="corrupt knowledge store"):
         KnowledgeStore.load(saved)
 
 
 def test_corrupt_passages_missing_lines(saved):
-    lines = (saved / "passages.jsonl").read_text().splitlines(keepends=True)
-    (saved / "passages.jsonl").write_text("".join(lines[:-3]))
+    lines = (saved / "passages_1.jsonl").read_text().splitlines(keepends=True)
+    (saved / "passages_1.jsonl").write_text("".join(lines[:-3]))
     with pytest.raises(KnowledgeStoreError, match="manifest says 20 passages, found 17"):
         KnowledgeStore.load(saved)
 
@@ -262,3 +262,40 @@ def test_gpu_search_matches_cpu(tmp_path, vectors):
     gpu_store.save(tmp_path / "ks")
     loaded = KnowledgeStore.load(tmp_path / "ks", device="gpu")
     np.testing.assert_array_equal(loaded.search(queries, 10)[1][:, :5], cpu[1][:, :5])
+
+
+# --------------------------------------------------------------------------- at scale
+
+
+def test_add_in_chunks_is_linear_and_equals_one_add():
+    """Chunks are kept and joined once (no re-concatenation per add): same vectors."""
+    data = _random(1000, seed=8)
+    chunked = KnowledgeStore(DIM)
+    for i in range(0, 1000, 37):
+        chunked.add(_passages(1000)[i : i + 37], data[i : i + 37])
+    assert len(chunked._chunks) == 28 and len(chunked._embeddings) == 0
+    np.testing.assert_array_equal(chunked.embeddings, data)
+    assert chunked._chunks == []
+
+
+@pytest.mark.parametrize("index", ["ivf", "ivfpq"])
+def test_sharded_approximate_equals_single(index):
+    """Trained once, one copy per shard: searching the shards is the same search."""
+    data, queries = _clustered(3000, seed=9), _clustered(30, seed=10)
+    kw = {"index": index, "nlist": 16, "nprobe": 4, "pq_m": 8}
+    single = _store(data, **kw).search(queries, 10)
+    sharded = _store(data, n_shards=3, **kw).search(queries, 10)
+    np.testing.assert_array_equal(sharded[1], single[1])
+    np.testing.assert_allclose(sharded[0], single[0], rtol=1e-5)
+
+
+def test_ivfpq_recall_compressed_and_pq_m_must_divide_dim(tmp_path):
+    data, queries = _clustered(4000, seed=11), _clustered(60, seed=12)
+    _, exact = _store(data).search(queries, 10)
+    store = _store(data, index="ivfpq", nlist=16, nprobe=16, pq_m=16)
+    assert _recall(store.search(queries, 10)[1], exact) >= 0.5
+    store.save(tmp_path / "pq")
+    assert store._index.code_size == 16  # bytes per passage, instead of 4 x 32
+    assert (tmp_path / "pq" / "shard_0.faiss").stat().st_size < data.nbytes / 2
+    with pytest.raises(ValueError, match=r"knowledge_store.pq_m \(5\) must divide"):
+        KnowledgeStore(DIM, index="ivfpq", pq_m=5)

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -46,6 +46,18 @@ from fedrag_ray.data import (
 )
 from fedrag_ray.federated.faults import ENV_VAR as FAULTS_ENV
 from fedrag_ray.federated.faults import Faults, parse_faults
+from fedrag_ray.federated.federated_retrieval import (
+    ANSWER,
+    RETRIEVE,
+    answer_reply,
+    retrieve_reply,
+)
+from fedrag_ray.federated.knowledge import (
+    ensure_global_store,
+    open_client_store,
+    open_global_store,
+    public_store_path,
+)
 from fedrag_ray.federated.params import from_record, record_nbytes, to_record
 from fedrag_ray.federated.privacy import train_mods
 from fedrag_ray.knowledge_store import KnowledgeStore
@@ -87,36 +99,47 @@ class ClientRuntime:
     eval: list[QAExample]
     passages: list[Passage]
     partitions: list[list[int]]
-    shards: OrderedDict[int, KnowledgeStore] = field(default_factory=OrderedDict)
-    global_store: KnowledgeStore | None = None
+    shards: OrderedDict[int, Any] = field(default_factory=OrderedDict)
+    global_store: Any = None  # a KnowledgeStore, or a ServedStore (serve: actors)
+    public: Any = None  # knowledge: both
     clients_served: set[int] = field(default_factory=set)
 
     def examples(self, partition: int) -> list[QAExample]:
         return [self.train[i] for i in self.partitions[partition]]
 
-    def global_store_for_server(self) -> KnowledgeStore:
+    def prepare_global_store(self) -> int:
+        """Before round 1: the global store on disk matches this run, or is built."""
+        path = global_store_path(self.cfg, self.stores_root)
+        count, built = ensure_global_store(self.system, self.passages, path)
+        if built is not None and self.cfg.knowledge_store.serve == "local":
+            self.global_store = built
+        return count
+
+    def public_store(self) -> Any:
+        """``knowledge: both``: the store of passages no client owns (opened once)."""
+        if self.public is None:
+            self.public = open_global_store(self.system, public_store_path(self.stores_root))
+        return self.public
+
+    def global_store_for_server(self) -> Any:
         """The store over all passages (server-side evaluation; clients in ``global``
-        knowledge mode). Built here from the passage encoder if no run has saved it yet."""
+        knowledge mode): loaded whole, or the shard actors' handle (``serve: actors``)."""
         if self.global_store is None:
             path = global_store_path(self.cfg, self.stores_root)
-            if (path / "manifest.json").exists():
-                self.global_store = KnowledgeStore.load(path, self.system.retriever.dim)
-            else:
-                store = self.system.build_store(self.passages)
-                store.save(path)
-                self.global_store = store
+            self.global_store = open_global_store(self.system, path)
         return self.global_store
 
     def store_for(self, partition: int) -> KnowledgeStore:
         fed = self.cfg.federation
         assert fed is not None
-        dim = self.system.retriever.dim
         if fed.knowledge == "global":
             return self.global_store_for_server()
         if partition in self.shards:
             self.shards.move_to_end(partition)
             return self.shards[partition]
-        store = KnowledgeStore.load(store_dir(self.stores_root, partition), dim)
+        store = open_client_store(
+            self.system, store_dir(self.stores_root, partition), self.public_store
+        )
         self.shards[partition] = store
         if len(self.shards) > SHARD_CACHE_SIZE:
             self.shards.popitem(last=False)
@@ -183,10 +206,14 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
         config: ConfigRecord = msg.content["config"]
         task = str(config["task"])
         rt = get_runtime(cfg_json, stores_root)
-        t = time.perf_counter()
-        store = rt.global_store_for_server()
-        index_seconds = time.perf_counter() - t
+        if task == RETRIEVE:  # federated retrieval at inference (federated_retrieval)
+            return retrieve_reply(rt, int(context.node_config["partition-id"]), msg)
+        if task == ANSWER:
+            return answer_reply(rt, msg)
         if task == "prepare":
+            t = time.perf_counter()
+            num_passages = rt.prepare_global_store()
+            index_seconds = time.perf_counter() - t
             if rt.clients_served:
                 raise RuntimeError("prepare must run before any client trains in this actor")
             content = {
@@ -195,7 +222,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
                     {
                         "full-model-bytes": rt.system.full_model_bytes(),
                         "index-seconds": index_seconds,
-                        "num-passages": len(store),
+                        "num-passages": num_passages,
                     }
                 ),
             }
@@ -203,7 +230,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
         if task != "evaluate":
             raise ValueError(f"unknown server task {task!r}")
         rt.system.load_trainable_state(from_record(msg.content["arrays"]))
-        metrics = evaluate(rt.system, rt.eval, store)
+        metrics = evaluate(rt.system, rt.eval, rt.global_store_for_server())
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @app.train(mods=train_mods(cfg_json))

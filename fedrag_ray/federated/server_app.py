@@ -67,6 +67,9 @@ from fedrag_ray.federated.validation import (
 )
 
 RoundCallback = Callable[[dict[str, Any]], None]
+# Instead of training: work on the prepared federation (federated retrieval at inference,
+# ``federated_retrieval``), given the grid, this server and the initial arrays.
+InferenceFn = Callable[[Grid, "FederatedServer", dict[str, np.ndarray]], None]
 
 # Flower's in-memory Grid sleeps 0.1 s between pulls for replies, which rounds every
 # round's wall time up to the next 0.1 s; pulling is cheap (only this round's messages).
@@ -99,8 +102,10 @@ class FederatedServer:
         on_round: RoundCallback | None = None,
         prepare_knowledge: Callable[[], None] | None = None,
         on_phase: Callable[[str], None] | None = None,
+        inference: InferenceFn | None = None,
     ) -> None:
         assert cfg.federation is not None
+        self.inference = inference
         self.cfg = cfg
         self.fed = cfg.federation
         self.run_dir = run_dir
@@ -202,6 +207,10 @@ class FederatedServer:
         t = time.perf_counter()
         self.prepare_knowledge()
         self.results["shards_seconds"] = time.perf_counter() - t
+        if self.inference is not None:
+            self.part_to_node = part_to_node
+            self.inference(grid, self, arrays)
+            return
 
         if ckpt is not None:
             arrays, history, start_round = ckpt.arrays, ckpt.history, ckpt.round + 1

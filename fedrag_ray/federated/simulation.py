@@ -35,10 +35,18 @@ from fedrag_ray.federated.client_app import (
     make_client_app,
     store_dir,
 )
+from fedrag_ray.federated.knowledge import public_store_path
 from fedrag_ray.federated.ray_backend import fedrag_backend
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
-from fedrag_ray.federated.server_app import FederatedServer, make_server_app, process_tree_rss
-from fedrag_ray.knowledge_store import KnowledgeStore
+from fedrag_ray.federated.server_app import (
+    FederatedServer,
+    InferenceFn,
+    make_server_app,
+    process_tree_rss,
+)
+from fedrag_ray.federated.store_access import check_store_roots
+from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStore, read_manifest
+from fedrag_ray.provenance import check_provenance, shard_provenance
 from fedrag_ray.runtime import configure_process, quiet_env, verbose
 
 SHARD_WRITERS = 8  # concurrent shard saves: the fsyncs of KnowledgeStore.save overlap
@@ -48,8 +56,11 @@ def build_client_shards(
     cfg: ExperimentConfig, data: RagDataset, store: KnowledgeStore, root: Path
 ) -> int:
     """Private knowledge per client: the passages of the documents its own questions come
-    from (``private``), plus the public passages no client owns (``both``). Vectors are
-    sliced from the global store, never re-embedded. Skips shards already on disk.
+    from; with ``knowledge: both`` also one public store of the passages no client owns,
+    which every client searches next to its shard (not copied into each). Vectors are
+    sliced from the global store, never re-embedded. A shard already on disk is reused
+    only if its manifest records this partition, corpus, encoder and index (else the
+    run stops naming what changed: ``provenance``).
 
     Shards are saved from a small thread pool: each save fsyncs its files, and one at a
     time that is ~20 ms per client (1,000 clients: 22 s; 8 writers: 1.6 s)."""
@@ -61,24 +72,43 @@ def build_client_shards(
         by_doc.setdefault(p.doc_id, []).append(i)
     owned = {d for e in data.train for d in e.gold_doc_ids}
     public = [i for d, idx in by_doc.items() if d not in owned for i in idx]
-    ks = cfg.knowledge_store
-    jobs: list[tuple[int, list[int]]] = []
+    ks = cfg.knowledge_store.model_copy(update={"device": "cpu"})
+    expected = shard_provenance(cfg, store.provenance)
+    jobs: list[tuple[Path, list[int], dict[str, Any]]] = []
+
+    def reusable(path: Path, want: dict[str, Any]) -> bool:
+        if not (path / MANIFEST).exists():
+            return False
+        check_provenance(
+            path,
+            read_manifest(path).get("provenance") or {},
+            want,
+            f"delete {path.parent} or set federation.shard_dir to a new directory",
+        )
+        return True
+
+    if fed.knowledge == "both":
+        want = shard_provenance(cfg, store.provenance, role="public")
+        if public and not reusable(public_store_path(root), want):
+            jobs.append((public_store_path(root), public, want))
     for c, part in enumerate(parts):
-        if (store_dir(root, c) / "manifest.json").exists():
+        path = store_dir(root, c)
+        if reusable(path, expected):
             continue
         docs = {d for i in part for d in data.train[i].gold_doc_ids}
         idx = [i for d in sorted(docs) for i in by_doc.get(d, [])]
-        if fed.knowledge == "both":
-            idx = public + idx
-        if not idx:
+        if not idx and fed.knowledge == "private":
             raise ValueError(f"client {c} owns no passages; use federation.knowledge: global")
-        jobs.append((c, idx))
+        if idx:  # knowledge both: a client without own passages searches the public store
+            jobs.append((path, idx, expected))
 
-    def build(job: tuple[int, list[int]]) -> None:
-        c, idx = job
-        shard = KnowledgeStore(store.dim, ks.index, 1, ks.nlist, ks.nprobe, ks.hnsw_m)
-        shard.add([store.passages[i] for i in idx], store.embeddings[idx])
-        shard.save(store_dir(root, c))
+    def build(job: tuple[Path, list[int], dict[str, Any]]) -> None:
+        path, idx, provenance = job
+        n_shards = ks.n_shards if provenance["role"] == "public" else 1
+        shard = KnowledgeStore.from_config(store.dim, ks.model_copy(update={"n_shards": n_shards}))
+        shard.add([store.passages[i] for i in idx], store.vectors(np.asarray(idx)))
+        shard.provenance = provenance
+        shard.save(path)
 
     with ThreadPoolExecutor(max_workers=SHARD_WRITERS) as pool:
         list(pool.map(build, jobs))
@@ -167,6 +197,7 @@ def _run_federated(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     num_cpus: int | None = None,
+    inference: InferenceFn | None = None,
 ) -> dict[str, Any]:
     fed = cfg.federation
     if fed is None:
@@ -189,21 +220,41 @@ def _run_federated(
     # and model preparation, so an impossible request fails in seconds, not minutes.
     phase("connecting to Ray")
     started_ray = _init_ray(address, num_cpus)
+    served: list[Any] = []  # shard-actor services started for this run (serve: actors)
     try:
         slots = cluster_client_slots(fed.client_resources)
         num_actors = fed.num_actors or min(slots, fed.sampled)
 
+        stores_root = Path(fed.shard_dir) if fed.shard_dir else run_dir / "stores"
+        stores_root.mkdir(parents=True, exist_ok=True)
+        global_path = global_store_path(cfg, stores_root)
+        global_path.parent.mkdir(parents=True, exist_ok=True)
+        phase("checking that every client node reads the store root")
+        nodes_checked = check_store_roots([stores_root, global_path.parent], fed.client_resources)
+
         phase("loading data")
         data = load_dataset_from_config(cfg.data)
-        stores_root = Path(fed.shard_dir) if fed.shard_dir else run_dir / "stores"
         shards_built: list[int] = []
+        shard_actors: list[dict[str, Any]] = []
 
         def prepare_knowledge() -> None:
-            """After an actor saved the global index: slice the private shards from it."""
+            """After an actor saved the global index: slice the private shards from it,
+            and start the shard actors that serve it (``serve: actors``)."""
             if fed.knowledge != "global":
                 phase(f"building private shards for {fed.num_clients} clients")
-                store = KnowledgeStore.load(global_store_path(cfg, stores_root))
+                store = KnowledgeStore.load(global_path)
                 shards_built.append(build_client_shards(cfg, data, store, stores_root))
+            if cfg.knowledge_store.serve == "actors":
+                from fedrag_ray import index_service
+
+                served_paths = [global_path]
+                if fed.knowledge == "both" and (public_store_path(stores_root) / MANIFEST).exists():
+                    served_paths.append(public_store_path(stores_root))
+                for path in served_paths:
+                    phase(f"starting shard actors for {path}")
+                    handle, infos = index_service.start(path, cfg.knowledge_store.serve_cpus)
+                    served.append(handle)
+                    shard_actors.extend({**i, "store": path.name} for i in infos)
 
         setup_seconds = time.perf_counter() - t_start
         results: dict[str, Any] = {}
@@ -216,6 +267,7 @@ def _run_federated(
             on_round=on_round,
             prepare_knowledge=prepare_knowledge,
             on_phase=phase,
+            inference=inference,
         )
         backend_config = {
             "client_resources": ray_client_resources(fed.client_resources),
@@ -238,11 +290,20 @@ def _run_federated(
             )
         if "error" in results:
             raise RuntimeError(f"federated run failed: {results['error']}") from results["error"]
+        if inference is not None:
+            results["shard_actors"] = shard_actors
+            results["store_root_nodes_checked"] = nodes_checked
+            return results
         if "history" not in results:
             raise RuntimeError("federated run ended without results (see the log above)")
         actor_nodes = _client_nodes(results["history"])
         sim_seconds = time.perf_counter() - t_sim
     finally:
+        if served:
+            from fedrag_ray import index_service
+
+            for handle in served:
+                index_service.stop(handle)
         if started_ray:
             import ray
 
@@ -277,6 +338,10 @@ def _run_federated(
         "privacy": results.get("privacy"),
         "secure_aggregation": results.get("secure_aggregation"),
         "actor_nodes": actor_nodes,
+        "store_root_nodes_checked": nodes_checked,
+        "shard_actors": [
+            {"shard": i["shard"], "node_id": i["node_id"], "pid": i["pid"]} for i in shard_actors
+        ],
         "timings": {
             "setup_s": setup_seconds,
             "simulation_s": sim_seconds,

@@ -1,0 +1,292 @@
+"""Federated retrieval at inference: a question goes to every client's private knowledge,
+each client returns its top-k (passage ids, scores, texts), the server merges them.
+
+It runs on the training machinery: the same Flower ServerApp prepares the federation
+(global store, private shards, shard actors, store-root check; ``server_app``), then,
+instead of training rounds, sends one ``evaluate`` message with ``task: retrieve`` to
+every client node. A client searches what it would train on (its private shard; with
+``knowledge: both`` also the public store) with its query encoder and replies with
+lists only; the server merges them by score or reciprocal-rank fusion (``fusion``).
+``ask --federated`` then has one client actor generate the answer from the merged
+passages; ``eval --federated`` compares the merged lists with central retrieval over the
+global store (the same corpus) on the held-out questions.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedrag_ray.data import Passage
+from fedrag_ray.fusion import Hit, merge
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from fedrag_ray.config import ExperimentConfig
+    from fedrag_ray.federated.client_app import ClientRuntime
+    from fedrag_ray.federated.server_app import FederatedServer
+
+RETRIEVE, ANSWER = "retrieve", "answer"
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def retrieve_reply(rt: ClientRuntime, partition: int, msg: Message) -> Message:
+    """Search this client's knowledge (``scope: own``) or the global store (``scope:
+    global``, central retrieval for comparison) for every question."""
+    config = msg.content["config"]
+    questions = [str(q) for q in config["questions"]]
+    k = int(config["k"])
+    if "arrays" in msg.content:
+        from fedrag_ray.federated.params import from_record
+
+        rt.system.load_trainable_state(from_record(msg.content["arrays"]))
+    store = rt.global_store_for_server() if config["scope"] == "global" else rt.store_for(partition)
+    scores, idx = rt.system.retrieve(questions, k, store)
+    rows = store.get(idx)
+    flat = [p for row in rows for p in row]
+    hits = ConfigRecord(
+        {
+            "counts": [len(row) for row in rows],
+            "ids": [p.id for p in flat] or [""],
+            "doc-ids": [p.doc_id for p in flat] or [""],
+            "texts": [p.text for p in flat] or [""],
+            "scores": [
+                float(s) for row, srow in zip(rows, scores, strict=True) for s in srow[: len(row)]
+            ]
+            or [0.0],
+        }
+    )
+    metrics = MetricRecord({"partition-id": partition})
+    return Message(RecordDict({"hits": hits, "metrics": metrics}), reply_to=msg)
+
+
+def answer_reply(rt: ClientRuntime, msg: Message) -> Message:
+    """Generate the answer to one question from the merged passages (rank order)."""
+    config = msg.content["config"]
+    question, passages = str(config["question"]), [str(p) for p in config["passages"]]
+    if "arrays" in msg.content:
+        from fedrag_ray.federated.params import from_record
+
+        rt.system.load_trainable_state(from_record(msg.content["arrays"]))
+    reserve = rt.cfg.rag.max_new_tokens
+    kept = rt.system.fit_passages(question, passages, reserve)
+    text = rt.system.generator.generate([rt.system.prompt(question, kept, reserve)], reserve)[0]
+    content = {"answer": ConfigRecord({"text": text, "passages-used": len(kept)})}
+    return Message(RecordDict(content), reply_to=msg)
+
+
+# --------------------------------------------------------------------------- server side
+
+
+def _parse(reply: Message, source: int) -> list[list[Hit]]:
+    hits = reply.content["hits"]
+    counts = list(hits["counts"])
+    out, pos = [], 0
+    for n in counts:
+        out.append(
+            [
+                Hit(
+                    Passage(id=hits["ids"][i], text=hits["texts"][i], doc_id=hits["doc-ids"][i]),
+                    float(hits["scores"][i]),
+                    source,
+                )
+                for i in range(pos, pos + n)
+            ]
+        )
+        pos += n
+    return out
+
+
+def fan_out(
+    grid: Grid,
+    nodes: dict[int, int],
+    questions: list[str],
+    k: int,
+    timeout: float,
+    scope: str = "own",
+    arrays: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[int, list[list[Hit]]], list[str]]:
+    """One retrieve message per client (partition → node); its hits per question, and
+    the reasons of the clients that failed."""
+    from fedrag_ray.federated.params import to_record
+
+    messages = []
+    for _pid, node in sorted(nodes.items()):
+        content = RecordDict(
+            {
+                "config": ConfigRecord(
+                    {"task": RETRIEVE, "questions": questions, "k": k, "scope": scope}
+                )
+            }
+        )
+        if arrays is not None:
+            content["arrays"] = to_record(arrays)
+        messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
+    by_client: dict[int, list[list[Hit]]] = {}
+    failed: list[str] = []
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for reply in replies:
+        if reply.has_error():
+            failed.append(reply.error.reason)
+            continue
+        pid = int(reply.content["metrics"]["partition-id"])
+        by_client[pid] = _parse(reply, pid)
+    failed += ["timeout"] * (len(messages) - len(replies))
+    return by_client, failed
+
+
+def merged_hits(
+    cfg: ExperimentConfig, by_client: dict[int, list[list[Hit]]], n_questions: int, k: int
+) -> list[list[Hit]]:
+    fed = cfg.federation
+    assert fed is not None
+    how, rrf_k = fed.retrieval.merge, fed.retrieval.rrf_k
+    return [
+        merge([by_client[c][q] for c in sorted(by_client)], k, how, rrf_k)
+        for q in range(n_questions)
+    ]
+
+
+def _hits_json(hits: list[Hit]) -> list[dict[str, Any]]:
+    return [
+        {"id": h.passage.id, "doc_id": h.passage.doc_id, "score": h.score, "client": h.source}
+        for h in hits
+    ]
+
+
+def _overlap(a: list[Hit], b: list[Hit]) -> float:
+    ids = {h.passage.id for h in b}
+    return len({h.passage.id for h in a} & ids) / max(1, len(ids))
+
+
+def _gold_recall(rows: list[list[Hit]], gold: list[list[str]], k: int) -> float:
+    from fedrag_ray.evaluate import recall_at_k
+
+    return recall_at_k([[h.passage.doc_id for h in row] for row in rows], gold, k)
+
+
+def ask_inference(
+    questions: list[str], k: int, arrays: dict[str, np.ndarray] | None, generate: bool = True
+) -> Any:
+    """The ``inference`` hook of ``ask --federated``: merged passages (+ an answer)."""
+
+    def run(grid: Grid, server: FederatedServer, initial: dict[str, np.ndarray]) -> None:
+        timeout = server.fed.round_timeout_s
+        t = time.perf_counter()
+        by_client, failed = fan_out(grid, server.part_to_node, questions, k, timeout, arrays=arrays)
+        if not by_client:
+            raise RuntimeError(f"federated retrieval: every client failed: {failed[:3]}")
+        merged = merged_hits(server.cfg, by_client, len(questions), k)
+        out: dict[str, Any] = {
+            "clients": sorted(by_client),
+            "failed": failed,
+            "retrieve_seconds": time.perf_counter() - t,
+            "per_client": {c: [_hits_json(h) for h in rows] for c, rows in by_client.items()},
+            "merged": [_hits_json(h) for h in merged],
+            "merged_texts": [[h.passage.text for h in row] for row in merged],
+        }
+        if generate:
+            answers = []
+            for q, row in zip(questions, merged, strict=True):
+                content = RecordDict(
+                    {
+                        "config": ConfigRecord(
+                            {
+                                "task": ANSWER,
+                                "question": q,
+                                "passages": [h.passage.text for h in row] or [""],
+                            }
+                        )
+                    }
+                )
+                if arrays is not None:
+                    from fedrag_ray.federated.params import to_record
+
+                    content["arrays"] = to_record(arrays)
+                reply = _send_to_any(grid, server, content)
+                answers.append(
+                    {
+                        "answer": str(reply.content["answer"]["text"]),
+                        "passages_used": int(reply.content["answer"]["passages-used"]),
+                    }
+                )
+            out["answers"] = answers
+        server.results["federated_retrieval"] = out
+
+    return run
+
+
+def _send_to_any(grid: Grid, server: FederatedServer, content: RecordDict) -> Message:
+    errors = []
+    for node in server.task_nodes[:3]:
+        msg = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+        for reply in grid.send_and_receive([msg], timeout=server.fed.round_timeout_s):
+            if not reply.has_error():
+                return reply
+            errors.append(reply.error.reason)
+    raise RuntimeError(f"answer generation failed on every node tried: {errors[:3]}")
+
+
+def eval_inference(questions: list[str], gold: list[list[str]], k_values: list[int]) -> Any:
+    """The ``inference`` hook of ``eval --federated``: merged federated retrieval vs
+    central retrieval over the global store, on the same questions and corpus."""
+    k = max(k_values)
+
+    def run(grid: Grid, server: FederatedServer, initial: dict[str, np.ndarray]) -> None:
+        timeout = server.fed.round_timeout_s
+        t = time.perf_counter()
+        by_client, failed = fan_out(grid, server.part_to_node, questions, k, timeout)
+        fed_seconds = time.perf_counter() - t
+        merged = merged_hits(server.cfg, by_client, len(questions), k)
+        first = dict([next(iter(sorted(server.part_to_node.items())))])
+        t = time.perf_counter()
+        central_by, central_failed = fan_out(grid, first, questions, k, timeout, scope="global")
+        central_seconds = time.perf_counter() - t
+        if not central_by:
+            raise RuntimeError(f"central retrieval failed: {central_failed[:3]}")
+        central = next(iter(central_by.values()))
+        metrics: dict[str, Any] = {
+            "n": len(questions),
+            "clients": len(by_client),
+            "failed": failed,
+            "federated_seconds": fed_seconds,
+            "central_seconds": central_seconds,
+        }
+        for kk in k_values:
+            fed_k = [row[:kk] for row in merged]
+            cen_k = [row[:kk] for row in central]
+            metrics[f"federated_recall@{kk}"] = _gold_recall(fed_k, gold, kk)
+            metrics[f"central_recall@{kk}"] = _gold_recall(cen_k, gold, kk)
+            metrics[f"overlap_with_central@{kk}"] = float(
+                np.mean([_overlap(a, b) for a, b in zip(fed_k, cen_k, strict=True)])
+            )
+        server.results["federated_eval"] = metrics
+        server.results["federated_merged"] = [_hits_json(h) for h in merged]
+        server.results["central"] = [_hits_json(h) for h in central]
+
+    return run
+
+
+def run_federated_retrieval(
+    cfg: ExperimentConfig,
+    inference: Any,
+    output: str | Path | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    on_phase: Any = None,
+) -> dict[str, Any]:
+    """Prepare the federation as a training run would, then run ``inference`` on it."""
+    from fedrag_ray.federated.simulation import _run_federated
+
+    if cfg.federation is None:
+        raise ValueError("federated retrieval needs a federation: section")
+    return _run_federated(
+        cfg, output, address=address, num_cpus=num_cpus, on_phase=on_phase, inference=inference
+    )
