@@ -352,7 +352,17 @@ def _write_results(
                 and len(history) < _expected_reports(base_raw, params),
                 "error": str(result.error) if result.error else None,
                 "history": [
-                    {k: h.get(k) for k in ("round", tc.metric, "train_loss", "seconds", "recall@5")}
+                    {
+                        k: h.get(k)
+                        for k in (
+                            "round",
+                            tc.metric,
+                            "evaluated_round",
+                            "train_loss",
+                            "seconds",
+                            "recall@5",
+                        )
+                    }
                     for h in history
                 ],
             }
