@@ -406,3 +406,27 @@ def test_server_task_moves_to_the_next_node_when_an_actor_fails():
     with pytest.raises(RuntimeError, match="'evaluate' failed.*actor on 11 died"):
         server.evaluate(grid, arrays)
     assert [n for n, _ in grid.sent] == [11, 12, 13, 14][:SERVER_TASK_TRIES]
+
+
+def test_arrays_decode_without_np_load_exactly_as_flower_does():
+    """params.to_numpy skips np.load's header parsing for C-ordered arrays; Fortran-ordered,
+    boolean, empty and 0-d arrays must come back exactly as Array.numpy() gives them."""
+    from flwr.app import Array
+
+    from fedrag_ray.federated.params import from_record, to_numpy, to_record
+
+    state = {"a": np.random.default_rng(0).random((8, 64), dtype=np.float32)}
+    assert np.array_equal(from_record(to_record(state))["a"], state["a"])
+    for value in (
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.array([[True, False]]),
+        np.zeros((0, 4), np.float32),
+        np.array(3.5),
+        np.arange(6, dtype=np.int64).reshape(2, 3),
+    ):
+        array = Array(value)
+        got, want = to_numpy(array), array.numpy()
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got, want)
+        got[...] = 0  # writable, and not a view of the record's bytes
+        assert np.array_equal(array.numpy(), value)

@@ -201,31 +201,41 @@ def _add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: A
     """Flower's poller, in one scan per cycle: every undelivered message for a known node
     (one per node per cycle, as Flower's ``limit=1``), checked as ``get_message_ins``
     checks it (expired or invalid ones are deleted), stamped delivered, queued in
-    partition order; every ``POLL_INTERVAL_S``."""
+    partition order; every ``POLL_INTERVAL_S``. Only messages stored since the last
+    cycle are looked at, so an idle cycle costs a set difference."""
     store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
     check = getattr(state, "_check_stored_messages", None)
     if store is None or lock is None or check is None:  # not the in-memory LinkState
         return _flower_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
+    queued: set[str] = set()  # ids of messages this poller has queued (or dropped)
     while not f_stop.is_set():
         ready: list[Message] = []
         with lock:
+            fresh = store.keys() - queued  # a set difference in C: no Python loop per cycle
             pending = {
                 mid
-                for mid, m in store.items()
-                if not m.metadata.delivered_at and m.metadata.dst_node_id in nodes_mapping
+                for mid in fresh
+                if not store[mid].metadata.delivered_at
+                and store[mid].metadata.dst_node_id in nodes_mapping
             }
+            queued |= fresh - pending  # already delivered, or for no node of ours
             if pending:
                 check(pending)
                 seen: set[int] = set()
                 for mid in pending:
                     m = store.get(mid)
-                    if m is not None and m.metadata.dst_node_id not in seen:
+                    if m is None:
+                        queued.add(mid)
+                    elif m.metadata.dst_node_id not in seen:
                         seen.add(m.metadata.dst_node_id)
                         ready.append(m)
+                        queued.add(mid)
                 ready.sort(key=lambda m: nodes_mapping[m.metadata.dst_node_id])
                 stamp = now().isoformat()
                 for m in ready:
                     m.metadata.delivered_at = stamp
+            if len(queued) > 2 * len(store) + 10_000:
+                queued &= store.keys()
         for m in ready:
             queue.put(m)
         f_stop.wait(POLL_INTERVAL_S)
