@@ -2,7 +2,7 @@
 fedrag_ray's engine next to Flower 1.41's stock Ray backend, in one run.
 
     python benchmarks/simulation_scale.py [--registered 1000 10000 100000]
-        [--per-round 10 100 1000] [--rounds 3] [--tiny 1000:10 10000:100 100000:1000]
+        [--per-round 10 100 1000] [--rounds 3] [--tiny 1000:10 100000:100 100000:1000]
         [--stock-limit 180] [--limit 900] [--out benchmarks/results]
 
 What runs: ``run_federated`` (Flower's simulation engine, ``run_simulation``) with the
@@ -35,7 +35,8 @@ Measured per run (each in its own subprocess, so memory is its own):
                      send/receive, aggregate), rounds 2..R (round 1 includes the actors'
                      one-off start); ideal_s = sum of the clients' train-seconds / actors;
                      engine_ms = (round_s - ideal_s) / tasks: the engine's cost per client
-                     task.
+                     task. cpu_ms = CPU seconds of the whole process tree in round 2 per
+                     task (what a round costs regardless of other jobs' load).
 
 Targets (this 2-core machine): (a) 10^5 registered with 1,000 per round completes 3
 rounds; (b) setup <= 60 s at 10^5; (c) memory growth <= 10 KiB per registered client;
@@ -170,22 +171,34 @@ class RssSampler:
         self.peak_driver = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.cpu: dict[int, float] = {}  # pid -> its last seen user + system CPU seconds
 
-    def _loop(self) -> None:
+    def sample(self) -> None:
         import psutil
 
         me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for i, p in enumerate([me, *me.children(recursive=True)]):
-                try:
+        total = 0
+        for i, p in enumerate([me, *me.children(recursive=True)]):
+            try:
+                with p.oneshot():
                     rss = p.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                total += rss
-                if i == 0:
-                    self.peak_driver = max(self.peak_driver, rss)
-            self.peak_total = max(self.peak_total, total)
+                    t = p.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            self.cpu[p.pid] = t.user + t.system
+            total += rss
+            if i == 0:
+                self.peak_driver = max(self.peak_driver, rss)
+        self.peak_total = max(self.peak_total, total)
+
+    def tree_cpu_seconds(self) -> float:
+        """CPU seconds used so far by the driver and every process it started."""
+        self.sample()
+        return sum(self.cpu.values())
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
@@ -205,15 +218,18 @@ def worker(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     cfg = config_from_dict(spec["config"])
     t0 = time.perf_counter()
+    cpu_at_round: dict[int, float] = {}
 
     def on_round(row: dict[str, Any]) -> None:
+        cpu_at_round[row["round"]] = rss.tree_cpu_seconds()
         print(
             f"[{spec['label']}] {time.perf_counter() - t0:7.1f}s round {row['round']} "
             f"({row.get('round_seconds', row['seconds']):.2f}s)",
             flush=True,
         )
 
-    with RssSampler() as rss:
+    rss = RssSampler()
+    with rss:
         summary = run_federated(
             cfg,
             output=spec["run_dir"],
@@ -238,6 +254,8 @@ def worker(spec_path: Path) -> None:
         ],
         "peak_rss_bytes": rss.peak_total,
         "driver_peak_rss_bytes": rss.peak_driver,
+        # round 2 alone: after the actors' start (round 1), before the last round's eval
+        "round2_cpu_s": cpu_at_round[2] - cpu_at_round[1] if 2 in cpu_at_round else None,
         "wall_s": time.perf_counter() - t0,
     }
     Path(spec["result"]).write_text(json.dumps(out))
@@ -315,6 +333,9 @@ def figures(key: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
         "ideal_s_steady": ideal_s / len(steady),
         "round_over_ideal": round_s / ideal_s if ideal_s > 0 else None,
         "engine_ms_per_task": 1000 * (round_s - ideal_s) / tasks,
+        "round2_cpu_ms_per_task": None
+        if res.get("round2_cpu_s") is None or len(rounds) < 2
+        else 1000 * res["round2_cpu_s"] / rounds[1]["sampled"],
         "peak_rss_bytes": res["peak_rss_bytes"],
         "driver_peak_rss_bytes": res["driver_peak_rss_bytes"],
         "wall_s": res["wall_s"],
@@ -440,21 +461,26 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 def table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| registered | per round | step | backend | setup s (partition + nodes) "
-        "| round s (ideal) | engine ms/task | driver / total peak GiB |",
-        "|---:|---:|---|---|---:|---:|---:|---:|",
+        "| round s (ideal) | engine ms/task | CPU ms/task | driver / total peak GiB |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         head = f"| {r['registered']:,} | {r['per_round']:,} | {r['step']} | {r['backend']} "
         if not r.get("completed"):
-            lines.append(head + f"| {r.get('error', 'failed')} ||||")
+            lines.append(head + f"| {r.get('error', 'failed')} |||||")
             continue
         lines.append(
             head + f"| {r['setup_s']:.1f} ({r['partition_s']:.1f} + {r['nodes_s']:.1f}) "
             f"| {r['round_s_steady']:.2f} ({r['ideal_s_steady']:.2f}) "
             f"| {r['engine_ms_per_task']:.1f} "
+            f"| {_num(r['round2_cpu_ms_per_task'])} "
             f"| {r['driver_peak_rss_bytes'] / 2**30:.2f} / {r['peak_rss_bytes'] / 2**30:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -471,7 +497,7 @@ def main() -> None:
         "--tiny",
         type=_pair,
         nargs="*",
-        default=[(1000, 10), (10_000, 100), (100_000, 1000)],
+        default=[(1000, 10), (100_000, 100), (100_000, 1000)],
         help="REGISTERED:PER_ROUND pairs run with the real tiny local step",
     )
     ap.add_argument("--no-stock", action="store_true", help="skip Flower's stock backend")
@@ -572,6 +598,8 @@ def main() -> None:
             "round_s_steady": "mean over rounds 2..R of the server's training part of a round",
             "ideal_s_steady": "mean over rounds 2..R of sum(client train-seconds) / actors",
             "engine_ms_per_task": "1000 * (sum round_s - sum ideal_s) / client tasks, rounds 2..R",
+            "round2_cpu_ms_per_task": "1000 * CPU seconds of the driver and all its "
+            "descendants between the end of round 1 and of round 2 / round 2's tasks",
             "peak_rss_bytes": "peak over the run of the summed RSS of the driver and all its "
             "descendants, sampled every 0.2 s",
         },
