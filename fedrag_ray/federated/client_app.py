@@ -138,7 +138,7 @@ class ClientRuntime:
             self.global_store = open_global_store(self.system, path)
         return self.global_store
 
-    def store_for(self, partition: int) -> KnowledgeStore:
+    def store_for(self, partition: int) -> Any:
         fed = self.cfg.federation
         assert fed is not None
         if fed.knowledge == "global":
@@ -149,13 +149,22 @@ class ClientRuntime:
         store = open_client_store(
             self.system, store_dir(self.stores_root, partition), self.public_store
         )
-        private = getattr(store, "private", store)  # the public store is cached apart
-        nbytes = private.embeddings.nbytes + sum(len(p.text) for p in private.passages)
+        nbytes = _private_bytes(store, self.public)
         self.shards[partition] = (store, nbytes)
         self.shard_bytes += nbytes
         while self.shard_bytes > SHARD_CACHE_BYTES and len(self.shards) > 1:
             self.shard_bytes -= self.shards.popitem(last=False)[1][1]
         return store
+
+
+def _private_bytes(store: Any, public: Any) -> int:
+    """What caching a client's store costs: its private shard's vectors and text. The
+    public store (``knowledge: both``; a client without passages of its own searches only
+    it) is held once by the runtime, and a served store holds nothing here."""
+    private = getattr(store, "private", store)
+    if private is public or not isinstance(private, KnowledgeStore):
+        return 0
+    return private.embeddings.nbytes + sum(len(p.text) for p in private.passages)
 
 
 _RUNTIMES: dict[str, ClientRuntime] = {}

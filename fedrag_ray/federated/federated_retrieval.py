@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from fedrag_ray.federated.server_app import FederatedServer
 
 
-
 # --------------------------------------------------------------------------- client side
 
 
