@@ -319,11 +319,16 @@ class ValidationConfig(_Strict):
 
 
 class FederationConfig(_Strict):
+    """``client_step``: ``train`` (the real local step); ``noop`` makes a client reply
+    with the arrays it received and its example count, doing no model work: for
+    measuring the engine's own cost per client task (benchmarks/simulation_scale.py)."""
+
     num_clients: int = Field(8, ge=1)
     clients_per_round: int | None = Field(None, ge=1)
     rounds: int = Field(3, ge=1)
     local_steps: int | None = Field(None, ge=1)
     local_epochs: int = Field(1, ge=1)
+    client_step: Literal["train", "noop"] = "train"
     strategy: StrategyConfig = StrategyConfig()
     partition: PartitionConfig = PartitionConfig()
     knowledge: Literal["global", "private", "both"] = "global"

@@ -8,6 +8,7 @@ debugger.
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import defaultdict
 from collections.abc import Sequence
@@ -331,9 +332,11 @@ def partition_examples(
         groups[_field_value(e, field_name)].append(i)
     if kind == "field":
         parts: list[list[int]] = [[] for _ in range(num_clients)]
+        least_loaded = [(0, c) for c in range(num_clients)]  # a heap of (size, client)
         for _, idx in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-            target = min(range(num_clients), key=lambda c: (len(parts[c]), c))
+            size, target = heapq.heappop(least_loaded)
             parts[target].extend(idx)
+            heapq.heappush(least_loaded, (size + len(idx), target))
         _fill_empty(parts, rng)
         return [sorted(p) for p in parts]
     if kind == "dirichlet":
@@ -350,9 +353,20 @@ def partition_examples(
 
 
 def _fill_empty(parts: list[list[int]], rng: np.random.Generator) -> None:
-    """Move one example from the largest client to each empty one (a client needs data)."""
+    """Move one example from the largest client (the first one on ties) to each empty
+    one, in client order (a client needs data). A heap of (-size, client) with stale
+    entries skipped keeps this O(C log C) instead of a scan of all clients per empty one;
+    the donors, and so the partitions, are the same as the scan's."""
+    largest = [(-len(p), c) for c, p in enumerate(parts)]
+    heapq.heapify(largest)
     for c, part in enumerate(parts):
-        if not part:
-            donor = max(range(len(parts)), key=lambda d: len(parts[d]))
-            take = int(rng.integers(len(parts[donor])))
-            parts[c].append(parts[donor].pop(take))
+        if part:
+            continue
+        while True:
+            neg_size, donor = heapq.heappop(largest)
+            if -neg_size == len(parts[donor]):
+                break
+        take = int(rng.integers(len(parts[donor])))
+        parts[c].append(parts[donor].pop(take))
+        heapq.heappush(largest, (-len(parts[donor]), donor))
+        heapq.heappush(largest, (-1, c))

@@ -148,6 +148,26 @@ def metric_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+class RoundReporter:
+    """What a trial reports per round: the round's numbers, plus those of the last
+    evaluated round that this round lacks. With ``federation.eval_every > 1`` most rounds
+    are not evaluated, and a row without ``tune.metric`` makes Tune stop the sweep;
+    round 0 (the initial evaluation) seeds the carried values. ``evaluated_round`` says
+    which round the evaluation metrics of a report were measured in."""
+
+    def __init__(self) -> None:
+        self.last_eval: dict[str, Any] = {}
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        numbers = metric_row(row)
+        if "eval_seconds" in row or row["round"] == 0:
+            self.last_eval = {k: v for k, v in numbers.items() if k != "eval_seconds"}
+            self.last_eval["evaluated_round"] = row["round"]
+        if row["round"] == 0:
+            return None
+        return {**self.last_eval, **numbers}
+
+
 def run_trial(params: dict[str, Any], base_raw: dict[str, Any], tc: TuneConfig) -> None:
     """One trial: the experiment with this trial's overrides, reporting every round."""
     from ray import tune
@@ -164,9 +184,11 @@ def run_trial(params: dict[str, Any], base_raw: dict[str, Any], tc: TuneConfig) 
     if cfg.federation is not None:
         from fedrag_ray.federated.simulation import run_federated
 
+        reporter = RoundReporter()
+
         def on_round(row: dict[str, Any]) -> None:
-            if row["round"] > 0:
-                tune.report(metric_row(row))
+            if (report := reporter(row)) is not None:
+                tune.report(report)
 
         run_federated(cfg, out, on_round=on_round)
     else:
@@ -330,7 +352,17 @@ def _write_results(
                 and len(history) < _expected_reports(base_raw, params),
                 "error": str(result.error) if result.error else None,
                 "history": [
-                    {k: h.get(k) for k in ("round", tc.metric, "train_loss", "seconds", "recall@5")}
+                    {
+                        k: h.get(k)
+                        for k in (
+                            "round",
+                            tc.metric,
+                            "evaluated_round",
+                            "train_loss",
+                            "seconds",
+                            "recall@5",
+                        )
+                    }
                     for h in history
                 ],
             }

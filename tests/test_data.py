@@ -344,3 +344,54 @@ def test_partition_errors():
         partition_examples(_toy(3), 4)
     with pytest.raises(ValueError, match="unknown partition type 'zipf'"):
         partition_examples(_toy(3), 2, "zipf")
+
+
+# sha256 (first 16 hex) of json.dumps(partition) as computed by the O(C^2) implementation
+# before `_fill_empty` and field partitioning moved onto heaps (issue 14):
+# the faster code must hand out exactly the same partitions for these seeds.
+PARTITIONS_BEFORE_HEAPS = [
+    ("sample", 7, "iid", 0.5, "label", 1, "2eb2416f6b97997b"),
+    ("sample", 6, "dirichlet", 0.05, "label", 0, "f8d795cb2d6b5de6"),
+    ("sample", 6, "dirichlet", 100.0, "label", 3, "f3dd1fb1d0f86703"),
+    ("sample", 5, "field", 0.5, "year", 0, "d9c876c8f013c8d4"),
+    ("sample", 3, "field", 0.5, "label", 0, "f960604cbf8d061a"),
+    ("sample", 50, "field", 0.5, "mesh", 2, "5dc87ba11242142b"),
+    ("toy", 10, "dirichlet", 0.01, "label", 0, "378a82bdb0530c93"),
+    ("toy", 120, "dirichlet", 0.1, "label", 7, "9302c729938badd5"),
+    ("sample", 200, "dirichlet", 0.5, "label", 0, "1f76b32dd13e9b4d"),
+]
+
+
+@pytest.mark.parametrize("case", PARTITIONS_BEFORE_HEAPS, ids=lambda c: "-".join(map(str, c[:6])))
+def test_partitions_are_the_same_as_before_the_heaps(pubmedqa_sample, case):
+    import hashlib
+
+    name, clients, kind, alpha, field_name, seed, digest = case
+    toy = [
+        QAExample(id=str(i), question="q", answer="a", label="yes" if i % 2 else "no")
+        for i in range(300)
+    ]
+    examples = pubmedqa_sample[0] if name == "sample" else toy
+    parts = partition_examples(examples, clients, kind, alpha, field_name, seed)
+    assert hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16] == digest
+
+
+@pytest.mark.timeout(120)
+def test_partitioning_100k_clients_is_linear_time():
+    """10^5 clients over 2x10^5 questions: the old fill-empty scan (O(C^2)) and field
+    assignment (O(groups x C)) took hours here; now seconds."""
+    import time
+
+    ex = [
+        QAExample(id=str(i), question="q", answer="a", label=("yes", "no", "maybe")[i % 3])
+        for i in range(200_000)
+    ]
+    for i, e in enumerate(ex):
+        e.metadata["year"] = str(i % 5000)
+    for kind, field_name in (("dirichlet", "label"), ("field", "year"), ("iid", "label")):
+        t = time.perf_counter()
+        parts = partition_examples(ex, 100_000, kind, 0.5, field_name, seed=0)
+        seconds = time.perf_counter() - t
+        assert len(parts) == 100_000 and all(parts), kind
+        assert sum(len(p) for p in parts) == 200_000
+        assert seconds < 20, (kind, seconds)

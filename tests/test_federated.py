@@ -151,8 +151,10 @@ def test_client_reply_carries_only_parameter_arrays_and_scalars(tmp_path):
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedrag_ray.data import load_dataset_from_config
-    from fedrag_ray.federated.client_app import client_partitions, make_client_app
+    from fedrag_ray.federated.client_app import make_client_app
     from fedrag_ray.federated.params import to_record
+    from fedrag_ray.federated.protocol import EXAMPLE_IDS_KEY, SERVER_ROUND_KEY
+    from fedrag_ray.federated.sampling import client_partitions, encode_example_ids
     from fedrag_ray.federated.simulation import build_client_shards
     from fedrag_ray.rag import RAGSystem
 
@@ -169,11 +171,16 @@ def test_client_reply_carries_only_parameter_arrays_and_scalars(tmp_path):
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
     app = make_client_app(cfg.model_dump_json(), str(tmp_path))
+    mine = [data.train[i] for i in client_partitions(cfg, data.train)[1]]
+    config = {
+        SERVER_ROUND_KEY: 1,
+        EXAMPLE_IDS_KEY: encode_example_ids(client_partitions(cfg, data.train)[1]),
+    }
     msg = Message(
         RecordDict(
             {
                 "arrays": to_record(system.trainable_state()),
-                "config": ConfigRecord({"server-round": 1}),
+                "config": ConfigRecord(config),
             }
         ),
         dst_node_id=7,
@@ -194,7 +201,6 @@ def test_client_reply_carries_only_parameter_arrays_and_scalars(tmp_path):
     assert all(isinstance(v, int | float) for v in metrics.values())
     # nothing the client holds as text appears anywhere in the serialised reply
     wire = b"".join(a.data for a in arrays.values()) + repr(dict(metrics)).encode()
-    mine = [data.train[i] for i in client_partitions(cfg, data.train)[1]]
     for ex in mine:
         assert ex.question.encode() not in wire
 
@@ -282,6 +288,46 @@ def test_killed_driver_resumes_to_the_same_final_metrics(tmp_path):
     # history of the rounds both runs trained is identical too
     for ha, hb in zip(a["history"][1:], b["history"][1:], strict=True):
         assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-6)
+        assert len(ha["clients"]) == len(hb["clients"]) == 2
+        for ca, cb in zip(ha["clients"], hb["clients"], strict=True):
+            assert _same_run_figures(ca) == pytest.approx(_same_run_figures(cb), rel=1e-6)
+    # the checkpoint holds no history; the log beside it has every round exactly once
+    import pickle
+
+    with open(crashed / "checkpoint" / "state.pkl", "rb") as f:
+        ckpt = pickle.load(f)
+    assert ckpt.round == 3 and not hasattr(ckpt, "history")
+    rows = [json.loads(line) for line in (crashed / "history.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    clients = [json.loads(c) for c in (crashed / "clients.jsonl").read_text().splitlines()]
+    assert [c["round"] for c in clients] == [1, 1, 2, 2, 3, 3]
+
+
+def _same_run_figures(client: dict) -> dict:
+    """A client's metrics without those that differ between processes (pid, timings)."""
+    return {k: v for k, v in client.items() if not k.startswith("actor-") and "seconds" not in k}
+
+
+def test_run_log_drops_rows_past_the_checkpoint_and_a_torn_line(tmp_path):
+    """A kill between a round's log append and its checkpoint (or mid-append) leaves rows
+    the checkpoint does not know: a resume cuts the log back to the checkpoint's round."""
+    from fedrag_ray.federated.checkpoint import RunLog
+
+    log = RunLog(tmp_path)
+    log.append({"round": 0, "accuracy": 0.25, "seconds": 1.0})
+    for r in (1, 2):
+        log.append({"round": r, "train_loss": 1.0 / r, "clients": [{"partition-id": r}]})
+    with open(log.history_path, "a") as f:
+        f.write('{"round": 3, "train_lo')  # torn by the kill
+    rows = log.load(upto_round=1)
+    assert rows == [
+        {"round": 0, "accuracy": 0.25, "seconds": 1.0},
+        {"round": 1, "train_loss": 1.0, "clients": [{"partition-id": 1}]},
+    ]
+    assert len(log.history_path.read_text().splitlines()) == 2
+    assert log.clients_path.read_text() == '{"round": 1, "partition-id": 1}\n'
+    log.append({"round": 2, "train_loss": 0.5, "clients": []})
+    assert [r["round"] for r in log.load(upto_round=2)] == [0, 1, 2]
 
 
 def test_resume_refuses_a_different_experiment(tmp_path):
@@ -295,7 +341,7 @@ def test_resume_refuses_a_different_experiment(tmp_path):
 
     cfg = config_from_dict(tiny({"num_clients": 2}))
     fp = config_fingerprint(cfg.model_dump_json())
-    save_checkpoint(tmp_path, RoundCheckpoint(1, {"w": np.ones(2)}, {}, [], fp))
+    save_checkpoint(tmp_path, RoundCheckpoint(1, {"w": np.ones(2)}, {}, fp))
     assert load_checkpoint(tmp_path, fp).round == 1
     more_rounds = config_from_dict(tiny({"num_clients": 2, "rounds": 9}))
     assert config_fingerprint(more_rounds.model_dump_json()) == fp
@@ -360,3 +406,27 @@ def test_server_task_moves_to_the_next_node_when_an_actor_fails():
     with pytest.raises(RuntimeError, match="'evaluate' failed.*actor on 11 died"):
         server.evaluate(grid, arrays)
     assert [n for n, _ in grid.sent] == [11, 12, 13, 14][:SERVER_TASK_TRIES]
+
+
+def test_arrays_decode_without_np_load_exactly_as_flower_does():
+    """params.to_numpy skips np.load's header parsing for C-ordered arrays; Fortran-ordered,
+    boolean, empty and 0-d arrays must come back exactly as Array.numpy() gives them."""
+    from flwr.app import Array
+
+    from fedrag_ray.federated.params import from_record, to_numpy, to_record
+
+    state = {"a": np.random.default_rng(0).random((8, 64), dtype=np.float32)}
+    assert np.array_equal(from_record(to_record(state))["a"], state["a"])
+    for value in (
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.array([[True, False]]),
+        np.zeros((0, 4), np.float32),
+        np.array(3.5),
+        np.arange(6, dtype=np.int64).reshape(2, 3),
+    ):
+        array = Array(value)
+        got, want = to_numpy(array), array.numpy()
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got, want)
+        got[...] = 0  # writable, and not a view of the record's bytes
+        assert np.array_equal(array.numpy(), value)

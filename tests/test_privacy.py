@@ -19,7 +19,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedrag_ray.config import ConfigError, config_from_dict
 from fedrag_ray.federated.params import from_record, to_record
 from fedrag_ray.federated.privacy import (
-    UNIFORM_WEIGHT_KEY,
     PrivacyLedger,
     aggregate_train,
     epsilon_after,
@@ -29,8 +28,10 @@ from fedrag_ray.federated.privacy import (
     train_mods,
     wrap_strategy,
 )
+from fedrag_ray.federated.protocol import UNIFORM_WEIGHT_KEY
+from fedrag_ray.federated.sampling import RoundNodes
 from fedrag_ray.federated.secagg import quantisation_error
-from fedrag_ray.federated.strategies import SampledGrid, build_strategy
+from fedrag_ray.federated.strategies import build_strategy
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
@@ -64,7 +65,7 @@ def dp_round(fed, updates, server_round: int = 1):
     ledger = PrivacyLedger(fed)
     strategy = wrap_strategy(build_strategy(fed.strategy, UNIFORM_WEIGHT_KEY), fed, ledger)
     seed_noise(fed.privacy, server_round)
-    grid = SampledGrid(None, list(range(10, 10 + len(updates))))  # type: ignore[arg-type]
+    grid = RoundNodes(list(range(10, 10 + len(updates))))
     msgs = list(
         strategy.configure_train(
             server_round, to_record(GLOBAL), ConfigRecord({"server-round": 1}), grid

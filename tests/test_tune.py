@@ -131,3 +131,43 @@ def test_four_trial_asha_sweep_runs_federations_and_best_config_reproduces(sweep
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((run / "results.json").read_text())["history"][-1]
     assert final["train_loss"] == pytest.approx(best["metric"], rel=1e-5)
+
+
+@pytest.mark.timeout(1200)
+def test_sweep_with_eval_every_2_reports_the_metric_every_round(sweep_raw, tmp_path):
+    """federation.eval_every 2 over 3 rounds: only rounds 2 and 3 are evaluated, yet Tune
+    needs tune.metric in every report (it stopped the sweep before): rounds without an
+    evaluation carry the last evaluated value (round 1: the initial evaluation's)."""
+    raw = json.loads(json.dumps(sweep_raw))
+    raw["federation"].update({"rounds": 3, "eval_every": 2, "round_timeout_s": 300})
+    raw["tune"] = {
+        "metric": "recall@5",
+        "mode": "max",
+        "search_alg": "grid",
+        "space": {"train.lr": {"type": "grid", "values": [1.0e-3, 1.0e-2]}},
+        "scheduler": {"name": "fifo"},
+        "max_actors_per_trial": 1,
+    }
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrag_ray.cli", "tune", str(cfg), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1100,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    trials = json.loads((out / "tune_results.json").read_text())["trials"]
+    assert len(trials) == 2
+    for t in trials:
+        assert t["error"] is None, t["error"]
+        assert t["rounds_reported"] == 3
+        assert [h["round"] for h in t["history"]] == [1, 2, 3]
+        assert [h["evaluated_round"] for h in t["history"]] == [0, 2, 3]
+        assert all(isinstance(h["recall@5"], float) for h in t["history"])
+        assert t["metric"] == pytest.approx(t["history"][-1]["recall@5"], rel=1e-9)
+    # the carried value is the one measured: round 1 reports round 0's evaluation
+    run = next((out / "sweep").glob("*/run/results.json"))
+    history = json.loads(run.read_text())["history"]
+    assert "recall@5" not in history[1] and "recall@5" in history[2]

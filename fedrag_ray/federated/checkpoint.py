@@ -1,25 +1,39 @@
-"""Round checkpoints: global parameters, strategy state, round, RNG state and history,
-written atomically after every round so ``--resume`` continues from the last complete one.
+"""Round checkpoints, and the run's per-round log beside them.
 
-Layout: ``DIR/checkpoint/`` holds ``state.pkl`` and ``meta.json`` and is replaced as a whole
-directory in one rename; a run killed mid-write leaves the previous round's checkpoint.
+A checkpoint holds what the next round needs and nothing that grows with the run:
+global arrays, strategy state, round and the privacy ledger, so writing one costs
+O(model + strategy state) every round. ``DIR/checkpoint/`` holds ``state.pkl`` and
+``meta.json`` and is replaced as a whole directory in one rename; a run killed
+mid-write leaves the previous round's checkpoint.
+
+What grows with the run is appended instead (:class:`RunLog`): ``DIR/history.jsonl``, one
+row per round (round 0 is the initial evaluation), and ``DIR/clients.jsonl``, one row per
+client per round. A round's rows are appended *before* its checkpoint is written, so on
+resume rows after the checkpoint's round (a round that was cut short) are dropped and a
+torn last line is ignored; the log then matches the checkpoint exactly.
+
+Version 2 (issue 14): version 1 pickled the whole history, every client's metrics
+included, into every checkpoint (O(R^2 * C) bytes over a run) with Python's RNG state
+(client sampling no longer uses it, see ``sampling``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedrag_ray.atomic import atomic_directory
+from fedrag_ray.atomic import atomic_directory, atomic_write_bytes
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+HISTORY_FILE = "history.jsonl"
+CLIENTS_FILE = "clients.jsonl"
 
 
 class CheckpointError(RuntimeError):
@@ -31,9 +45,7 @@ class RoundCheckpoint:
     round: int
     arrays: dict[str, np.ndarray]
     strategy_state: dict[str, Any]
-    history: list[dict[str, Any]]
     config_hash: str
-    python_random_state: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,7 +79,10 @@ def load_checkpoint(run_dir: str | Path, expected_hash: str | None = None) -> Ro
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} unsupported")
+        raise CheckpointError(
+            f"{path}: checkpoint version {meta.get('version')} unsupported "
+            f"(this fedrag_ray writes and reads version {CHECKPOINT_VERSION})"
+        )
     if expected_hash and meta["config_hash"] != expected_hash:
         raise CheckpointError(
             f"{path}: checkpoint was written by a different experiment config "
@@ -75,6 +90,78 @@ def load_checkpoint(run_dir: str | Path, expected_hash: str | None = None) -> Ro
         )
     with open(path / "state.pkl", "rb") as f:
         ckpt: RoundCheckpoint = pickle.load(f)
-    if ckpt.python_random_state is not None:
-        random.setstate(ckpt.python_random_state)
     return ckpt
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class RunLog:
+    """``history.jsonl`` (round rows without their clients) and ``clients.jsonl`` (one
+    row per client, with its round), appended once per round."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.history_path = Path(run_dir) / HISTORY_FILE
+        self.clients_path = Path(run_dir) / CLIENTS_FILE
+
+    def reset(self) -> None:
+        """A fresh run: no rows of an earlier run in this directory."""
+        self.history_path.unlink(missing_ok=True)
+        self.clients_path.unlink(missing_ok=True)
+
+    def append(self, row: dict[str, Any]) -> None:
+        round_row = {k: v for k, v in row.items() if k != "clients"}
+        clients = [{"round": row["round"], **c} for c in row.get("clients", [])]
+        _append_lines(self.history_path, [round_row])
+        if clients:
+            _append_lines(self.clients_path, clients)
+
+    def load(self, upto_round: int) -> list[dict[str, Any]]:
+        """The rows of rounds 0..``upto_round`` with their clients re-attached (as the
+        rounds were reported); the files are cut back to exactly those rows."""
+        history = [r for r in _read_lines(self.history_path) if r["round"] <= upto_round]
+        clients = [c for c in _read_lines(self.clients_path) if c["round"] <= upto_round]
+        _rewrite_lines(self.history_path, history)
+        _rewrite_lines(self.clients_path, clients)
+        by_round: dict[int, list[dict[str, Any]]] = {}
+        for c in clients:
+            by_round.setdefault(c["round"], []).append({k: v for k, v in c.items() if k != "round"})
+        rows = []
+        for r in history:
+            if r["round"] > 0:
+                r = {**r, "clients": by_round.get(r["round"], [])}
+            rows.append(r)
+        return rows
+
+
+def _encode(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode()
+
+
+def _append_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "ab") as f:
+        f.write(_encode(rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(path, _encode(rows))
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn by a kill mid-append: that round is redone
+                break
+            raise CheckpointError(f"{path}: line {i + 1} is not JSON") from None
+    return rows

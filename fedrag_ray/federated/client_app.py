@@ -3,9 +3,11 @@
 A Ray actor process serves many virtual clients. It loads the frozen base generator,
 the retriever encoders, the tokenizer and the global knowledge store **once** (in
 ``ClientRuntime``) and reuses them for every client it serves; a virtual client is only
-its partition of the questions, its private knowledge shard (loaded lazily, LRU-cached)
-and the adapter state it receives in each message. Replies carry only parameter arrays
-and scalar metrics.
+what its train message carries (the adapter state and its question indices, computed
+once on the driver: ``sampling``) and its private knowledge shard (loaded lazily, kept in
+an LRU bounded by bytes). Replies carry only parameter arrays and scalar metrics. The
+message names are ``protocol``'s; ``federation.client_step: noop`` replies without any
+model work (engine measurements).
 
 The actors are also where the server's model work runs, so the driver never loads a
 model (it would be a third copy of torch, transformers and the weights next to the
@@ -37,21 +39,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrag_ray.config import ExperimentConfig, config_from_dict
-from fedrag_ray.data import (
-    Passage,
-    QAExample,
-    eval_examples,
-    load_dataset_from_config,
-    partition_examples,
-)
+from fedrag_ray.data import Passage, QAExample, eval_examples, load_dataset_from_config
 from fedrag_ray.federated.faults import ENV_VAR as FAULTS_ENV
 from fedrag_ray.federated.faults import Faults, parse_faults
-from fedrag_ray.federated.federated_retrieval import (
-    ANSWER,
-    RETRIEVE,
-    answer_reply,
-    retrieve_reply,
-)
+from fedrag_ray.federated.federated_retrieval import answer_reply, retrieve_reply
 from fedrag_ray.federated.knowledge import (
     ensure_global_store,
     open_client_store,
@@ -60,20 +51,38 @@ from fedrag_ray.federated.knowledge import (
 )
 from fedrag_ray.federated.params import from_record, record_nbytes, to_record
 from fedrag_ray.federated.privacy import train_mods
+from fedrag_ray.federated.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    EXAMPLE_IDS_KEY,
+    FULL_MODEL_BYTES_KEY,
+    INDEX_SECONDS_KEY,
+    METRICS_KEY,
+    NUM_PASSAGES_KEY,
+    PARTITION_KEY,
+    PROXIMAL_MU_KEY,
+    SERVER_ROUND_KEY,
+    TASK_ANSWER,
+    TASK_EVALUATE,
+    TASK_KEY,
+    TASK_PREPARE,
+    TASK_RETRIEVE,
+    TRAIN_LOSS_KEY,
+    TRAIN_SECONDS_KEY,
+    WEIGHT_KEY,
+)
+from fedrag_ray.federated.sampling import decode_example_ids
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.runtime import configure_process
 
 if TYPE_CHECKING:
     from fedrag_ray.rag import RAGSystem
 
-SHARD_CACHE_SIZE = 32
-
-
-def client_partitions(cfg: ExperimentConfig, train: list[QAExample]) -> list[list[int]]:
-    fed = cfg.federation
-    assert fed is not None
-    p = fed.partition
-    return partition_examples(train, fed.num_clients, p.type, p.alpha, p.field, cfg.seed)
+# Private shards an actor keeps loaded, by their bytes rather than their number: at 10^4+
+# clients an actor serves hundreds of distinct clients per round, and 32 shards (the old
+# count) missed on almost every task; a shard is a few passages (~KiBs), so this holds
+# every shard an actor sees at 10^4 clients and the most recent ones beyond.
+SHARD_CACHE_BYTES = 256 * 2**20
 
 
 def store_dir(stores_root: str | Path, partition: int | None) -> Path:
@@ -98,14 +107,14 @@ class ClientRuntime:
     train: list[QAExample]
     eval: list[QAExample]
     passages: list[Passage]
-    partitions: list[list[int]]
-    shards: OrderedDict[int, Any] = field(default_factory=OrderedDict)
+    shards: OrderedDict[int, tuple[Any, int]] = field(default_factory=OrderedDict)
+    shard_bytes: int = 0
     global_store: Any = None  # a KnowledgeStore, or a ServedStore (serve: actors)
     public: Any = None  # knowledge: both
     clients_served: set[int] = field(default_factory=set)
 
-    def examples(self, partition: int) -> list[QAExample]:
-        return [self.train[i] for i in self.partitions[partition]]
+    def examples(self, ids: list[int]) -> list[QAExample]:
+        return [self.train[i] for i in ids]
 
     def prepare_global_store(self) -> int:
         """Before round 1: the global store on disk matches this run, or is built."""
@@ -129,21 +138,33 @@ class ClientRuntime:
             self.global_store = open_global_store(self.system, path)
         return self.global_store
 
-    def store_for(self, partition: int) -> KnowledgeStore:
+    def store_for(self, partition: int) -> Any:
         fed = self.cfg.federation
         assert fed is not None
         if fed.knowledge == "global":
             return self.global_store_for_server()
         if partition in self.shards:
             self.shards.move_to_end(partition)
-            return self.shards[partition]
+            return self.shards[partition][0]
         store = open_client_store(
             self.system, store_dir(self.stores_root, partition), self.public_store
         )
-        self.shards[partition] = store
-        if len(self.shards) > SHARD_CACHE_SIZE:
-            self.shards.popitem(last=False)
+        nbytes = _private_bytes(store, self.public)
+        self.shards[partition] = (store, nbytes)
+        self.shard_bytes += nbytes
+        while self.shard_bytes > SHARD_CACHE_BYTES and len(self.shards) > 1:
+            self.shard_bytes -= self.shards.popitem(last=False)[1][1]
         return store
+
+
+def _private_bytes(store: Any, public: Any) -> int:
+    """What caching a client's store costs: its private shard's vectors and text. The
+    public store (``knowledge: both``; a client without passages of its own searches only
+    it) is held once by the runtime, and a served store holds nothing here."""
+    private = getattr(store, "private", store)
+    if private is public or not isinstance(private, KnowledgeStore):
+        return 0
+    return private.embeddings.nbytes + sum(len(p.text) for p in private.passages)
 
 
 _RUNTIMES: dict[str, ClientRuntime] = {}
@@ -166,7 +187,6 @@ def get_runtime(cfg_json: str, stores_root: str) -> ClientRuntime:
             train=data.train,
             eval=eval_examples(cfg, data),
             passages=data.passages,
-            partitions=client_partitions(cfg, data.train),
         )
         _RUNTIMES.clear()  # one experiment per process at a time
         _RUNTIMES[key] = runtime
@@ -190,68 +210,79 @@ def _parse_faults() -> Faults:
 
 def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
     """A ClientApp whose closures hold only two strings (cheap to ship to actors)."""
+    fed = config_from_dict(json.loads(cfg_json)).federation
+    noop = fed is not None and fed.client_step == "noop"
     app = ClientApp()
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        content = RecordDict({"metrics": MetricRecord({"partition-id": pid})})
-        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def server_task(msg: Message, context: Context) -> Message:
         """Model work on behalf of the server (see the module docstring)."""
         from fedrag_ray.evaluate import evaluate
 
-        config: ConfigRecord = msg.content["config"]
-        task = str(config["task"])
+        config: ConfigRecord = msg.content[CONFIG_KEY]
+        task = str(config[TASK_KEY])
         rt = get_runtime(cfg_json, stores_root)
-        if task == RETRIEVE:  # federated retrieval at inference (federated_retrieval)
-            return retrieve_reply(rt, int(context.node_config["partition-id"]), msg)
-        if task == ANSWER:
+        if task == TASK_RETRIEVE:  # federated retrieval at inference (federated_retrieval)
+            return retrieve_reply(rt, int(context.node_config[PARTITION_KEY]), msg)
+        if task == TASK_ANSWER:
             return answer_reply(rt, msg)
-        if task == "prepare":
+        if task == TASK_PREPARE:
             t = time.perf_counter()
             num_passages = rt.prepare_global_store()
             index_seconds = time.perf_counter() - t
             if rt.clients_served:
                 raise RuntimeError("prepare must run before any client trains in this actor")
             content = {
-                "arrays": to_record(rt.system.trainable_state()),
-                "metrics": MetricRecord(
+                ARRAYS_KEY: to_record(rt.system.trainable_state()),
+                METRICS_KEY: MetricRecord(
                     {
-                        "full-model-bytes": rt.system.full_model_bytes(),
-                        "index-seconds": index_seconds,
-                        "num-passages": num_passages,
+                        FULL_MODEL_BYTES_KEY: rt.system.full_model_bytes(),
+                        INDEX_SECONDS_KEY: index_seconds,
+                        NUM_PASSAGES_KEY: num_passages,
                     }
                 ),
             }
             return Message(RecordDict(content), reply_to=msg)
-        if task != "evaluate":
+        if task != TASK_EVALUATE:
             raise ValueError(f"unknown server task {task!r}")
-        rt.system.load_trainable_state(from_record(msg.content["arrays"]))
+        rt.system.load_trainable_state(from_record(msg.content[ARRAYS_KEY]))
         metrics = evaluate(rt.system, rt.eval, rt.global_store_for_server())
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
     @app.train(mods=train_mods(cfg_json))
     def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        config: ConfigRecord = msg.content["config"]
-        server_round = int(config["server-round"])
+        t0 = time.perf_counter()
+        pid = int(context.node_config[PARTITION_KEY])
+        config: ConfigRecord = msg.content[CONFIG_KEY]
+        server_round = int(config[SERVER_ROUND_KEY])
+        if EXAMPLE_IDS_KEY not in config:
+            raise ValueError(f"train message without {EXAMPLE_IDS_KEY!r} (see protocol.py)")
+        ids = decode_example_ids(config[EXAMPLE_IDS_KEY])
         faults = _parse_faults()
         if pid in faults.raise_on:
             raise RuntimeError(f"injected fault in partition {pid}")
         if faults.kill_on.get(pid) == server_round:
             os._exit(1)  # simulate a crashed actor process
+        received = msg.content[ARRAYS_KEY]
+        if noop:  # engine measurements: no model work, the arrays go back as they came
+            metrics = MetricRecord(
+                {
+                    WEIGHT_KEY: len(ids),
+                    PARTITION_KEY: pid,
+                    TRAIN_LOSS_KEY: 0.0,
+                    TRAIN_SECONDS_KEY: time.perf_counter() - t0,
+                    "actor-pid": os.getpid(),
+                }
+            )
+            return Message(RecordDict({ARRAYS_KEY: received, METRICS_KEY: metrics}), reply_to=msg)
 
         from fedrag_ray.methods import local_train
 
         rt = get_runtime(cfg_json, stores_root)
         fed = rt.cfg.federation
         assert fed is not None
-        received = msg.content["arrays"]
         rt.system.load_trainable_state(from_record(received))
-        examples = rt.examples(pid)
+        examples = rt.examples(ids)
         # The run's global steps for this client: rounds x local steps (the LR schedule
         # spans the whole run; `both` alternates on the global step).
         per_round = fed.local_steps or fed.local_epochs * math.ceil(
@@ -264,7 +295,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
             key=(pid, server_round - 1),
             epochs=fed.local_epochs,
             steps=fed.local_steps,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
             start_step=(server_round - 1) * per_round,
             total_steps=fed.rounds * per_round,
         )
@@ -273,10 +304,10 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
         arrays = to_record(trained)
         metrics = MetricRecord(
             {
-                "num-examples": result.num_examples,
-                "partition-id": pid,
-                "train-loss": result.mean_loss,
-                "train-seconds": result.seconds,
+                WEIGHT_KEY: result.num_examples,
+                PARTITION_KEY: pid,
+                TRAIN_LOSS_KEY: result.mean_loss,
+                TRAIN_SECONDS_KEY: result.seconds,
                 "steps": result.steps,
                 "ralt-steps": result.ralt_steps,
                 "lsr-steps": result.lsr_steps,
@@ -287,6 +318,6 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
                 "actor-node": node_tag(),
             }
         )
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
 
     return app

@@ -22,6 +22,15 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedrag_ray.data import Passage
+from fedrag_ray.federated.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    PARTITION_KEY,
+    TASK_ANSWER,
+    TASK_KEY,
+    TASK_RETRIEVE,
+)
 from fedrag_ray.fusion import Hit, merge
 
 if TYPE_CHECKING:
@@ -31,8 +40,6 @@ if TYPE_CHECKING:
     from fedrag_ray.federated.client_app import ClientRuntime
     from fedrag_ray.federated.server_app import FederatedServer
 
-RETRIEVE, ANSWER = "retrieve", "answer"
-
 
 # --------------------------------------------------------------------------- client side
 
@@ -40,13 +47,13 @@ RETRIEVE, ANSWER = "retrieve", "answer"
 def retrieve_reply(rt: ClientRuntime, partition: int, msg: Message) -> Message:
     """Search this client's knowledge (``scope: own``) or the global store (``scope:
     global``, central retrieval for comparison) for every question."""
-    config = msg.content["config"]
+    config = msg.content[CONFIG_KEY]
     questions = [str(q) for q in config["questions"]]
     k = int(config["k"])
-    if "arrays" in msg.content:
+    if ARRAYS_KEY in msg.content:
         from fedrag_ray.federated.params import from_record
 
-        rt.system.load_trainable_state(from_record(msg.content["arrays"]))
+        rt.system.load_trainable_state(from_record(msg.content[ARRAYS_KEY]))
     store = rt.global_store_for_server() if config["scope"] == "global" else rt.store_for(partition)
     scores, idx = rt.system.retrieve(questions, k, store)
     rows = store.get(idx)
@@ -63,18 +70,18 @@ def retrieve_reply(rt: ClientRuntime, partition: int, msg: Message) -> Message:
             or [0.0],
         }
     )
-    metrics = MetricRecord({"partition-id": partition})
-    return Message(RecordDict({"hits": hits, "metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({PARTITION_KEY: partition})
+    return Message(RecordDict({"hits": hits, METRICS_KEY: metrics}), reply_to=msg)
 
 
 def answer_reply(rt: ClientRuntime, msg: Message) -> Message:
     """Generate the answer to one question from the merged passages (rank order)."""
-    config = msg.content["config"]
+    config = msg.content[CONFIG_KEY]
     question, passages = str(config["question"]), [str(p) for p in config["passages"]]
-    if "arrays" in msg.content:
+    if ARRAYS_KEY in msg.content:
         from fedrag_ray.federated.params import from_record
 
-        rt.system.load_trainable_state(from_record(msg.content["arrays"]))
+        rt.system.load_trainable_state(from_record(msg.content[ARRAYS_KEY]))
     reserve = rt.cfg.rag.max_new_tokens
     kept = rt.system.fit_passages(question, passages, reserve)
     text = rt.system.generator.generate([rt.system.prompt(question, kept, reserve)], reserve)[0]
@@ -121,13 +128,13 @@ def fan_out(
     for _pid, node in sorted(nodes.items()):
         content = RecordDict(
             {
-                "config": ConfigRecord(
-                    {"task": RETRIEVE, "questions": questions, "k": k, "scope": scope}
+                CONFIG_KEY: ConfigRecord(
+                    {TASK_KEY: TASK_RETRIEVE, "questions": questions, "k": k, "scope": scope}
                 )
             }
         )
         if arrays is not None:
-            content["arrays"] = to_record(arrays)
+            content[ARRAYS_KEY] = to_record(arrays)
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
     by_client: dict[int, list[list[Hit]]] = {}
     failed: list[str] = []
@@ -136,7 +143,7 @@ def fan_out(
         if reply.has_error():
             failed.append(reply.error.reason)
             continue
-        pid = int(reply.content["metrics"]["partition-id"])
+        pid = int(reply.content[METRICS_KEY][PARTITION_KEY])
         by_client[pid] = _parse(reply, pid)
     failed += ["timeout"] * (len(messages) - len(replies))
     return by_client, failed
@@ -197,9 +204,9 @@ def ask_inference(
             for q, row in zip(questions, merged, strict=True):
                 content = RecordDict(
                     {
-                        "config": ConfigRecord(
+                        CONFIG_KEY: ConfigRecord(
                             {
-                                "task": ANSWER,
+                                TASK_KEY: TASK_ANSWER,
                                 "question": q,
                                 "passages": [h.passage.text for h in row] or [""],
                             }
@@ -209,7 +216,7 @@ def ask_inference(
                 if arrays is not None:
                     from fedrag_ray.federated.params import to_record
 
-                    content["arrays"] = to_record(arrays)
+                    content[ARRAYS_KEY] = to_record(arrays)
                 reply = _send_to_any(grid, server, content)
                 answers.append(
                     {

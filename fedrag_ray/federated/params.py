@@ -14,7 +14,25 @@ def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in record.items()}
+    return {k: to_numpy(a) for k, a in record.items()}
+
+
+def to_numpy(array: Array) -> np.ndarray:
+    """``Array.numpy()`` without ``np.load``: the payload of a C-ordered .npy buffer is
+    its last ``nbytes`` bytes, so the header (which ``np.load`` parses with
+    ``ast.literal_eval``, ~0.15 ms per array: at 1,000 replies of 16 arrays, seconds per
+    round on the driver) needs no parsing. Anything else goes through Flower."""
+    dtype = np.dtype(array.dtype)
+    nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
+    data = array.data
+    head = data[: len(data) - nbytes]
+    if (
+        dtype.hasobject
+        or not head.startswith(b"\x93NUMPY")
+        or b"'fortran_order': False" not in head
+    ):
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, offset=len(head)).reshape(array.shape).copy()
 
 
 def record_nbytes(record: ArrayRecord) -> int:

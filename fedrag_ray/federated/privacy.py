@@ -5,7 +5,7 @@
   clipped to the clipping norm (on the server, or by ``fixedclipping_mod`` /
   ``adaptiveclipping_mod`` on the client) and Gaussian noise of std
   ``z * C / clients`` is added to the average. Clients are averaged *uniformly*
-  (:data:`UNIFORM_WEIGHT_KEY`): the noise is calibrated to the sensitivity ``C / n`` of
+  (``protocol.UNIFORM_WEIGHT_KEY``): the noise is calibrated to the sensitivity ``C / n`` of
   an unweighted mean, which example-count weights would break.
 - **Local DP** is Flower's ``LocalDpMod`` on the client's train handler.
 - **Accounting** is Flower's ``RdpAccountant`` (Rényi DP via Google's dp-accounting):
@@ -39,7 +39,6 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMetho
 
 from fedrag_ray.config import FederationConfig, PrivacyConfig
 
-UNIFORM_WEIGHT_KEY = "dp-uniform-weight"  # set to 1 on every accepted reply under DP
 ACCOUNTANT = "rdp (Flower RdpAccountant, dp-accounting)"
 SAMPLING = (
     "no-amplification: the per-round sample is seeded by the round (public), so no "

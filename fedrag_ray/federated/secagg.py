@@ -66,10 +66,14 @@ from flwr.serverapp import Grid
 
 from fedrag_ray.config import FederationConfig, SecAggConfig
 from fedrag_ray.federated.params import from_record, to_record
-from fedrag_ray.federated.validation import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY
-
-ARRAY_NAMES_KEY = "fedrag-array-names"  # FitIns config: the names, "\n"-joined, in order
-UNIFORM_KEY = "fedrag-uniform-weight"  # FitIns config: weight every client 1 (DP)
+from fedrag_ray.federated.protocol import (
+    ARRAY_NAMES_KEY,
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    UNIFORM_KEY,
+    WEIGHT_KEY,
+)
 
 
 def content_nbytes(content: RecordDict) -> int:

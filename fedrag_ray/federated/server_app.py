@@ -1,16 +1,18 @@
 """The Flower ServerApp: fedrag_ray's round loop around a Flower strategy.
 
-Before round 1: discover partition → node, ask one client actor to *prepare* (build the
-global index if missing, return the initial trainable arrays), let the caller build the
-private shards from that index, evaluate the initial arrays. Each round: sample clients
-(seeded by the round, so a resumed run samples the same ones) → ``strategy.configure_train``
-→ ``grid.send_and_receive`` (or Flower's SecAgg+, ``secagg.py``) → drop failed replies and
-those that fail validation (``validation.py``, reasons kept) → ``strategy.aggregate_train``
-(in Flower's DP wrapper when configured, ``privacy.py``; the privacy ledger records ε) on
-the successful ones in partition order (float sums in a fixed order make resumed and
-uninterrupted runs bit-identical) → server-side evaluation every N rounds → atomic
-checkpoint. The results are written into a dict owned by the caller, because Flower's
-``run_simulation`` returns nothing.
+Before round 1: take the partition → node mapping the simulation engine registered
+(``ray_backend.SimulationNodes``), ask one client actor to *prepare* (build the global
+index if missing, return the initial trainable arrays), let the caller build the private
+shards from that index, evaluate the initial arrays. Each round: the round's clients and
+their train messages (``sampling.ClientSampler``: seeded by the round, so a resumed run
+trains the same ones) → ``grid.send_and_receive`` (or Flower's SecAgg+, ``secagg.py``) →
+drop failed replies and those that fail validation (``validation.py``, reasons kept) →
+``strategy.aggregate_train`` (in Flower's DP wrapper when configured, ``privacy.py``; the
+privacy ledger records ε) on the successful ones in partition order (float sums in a
+fixed order make resumed and uninterrupted runs bit-identical) → server-side evaluation
+every N rounds → the round's rows appended to the run log, then an atomic checkpoint
+(``checkpoint.py``). Message names are ``protocol.py``'s. The results are written into a
+dict owned by the caller, because Flower's ``run_simulation`` returns nothing.
 
 The server holds arrays, never a model: preparation and server-side evaluation are
 ``evaluate`` messages that a client actor executes with the models it has cached anyway
@@ -21,9 +23,8 @@ the next ones.
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,13 +35,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.federated.checkpoint import (
     RoundCheckpoint,
+    RunLog,
     config_fingerprint,
     load_checkpoint,
     save_checkpoint,
 )
 from fedrag_ray.federated.params import from_record, record_nbytes, to_record
 from fedrag_ray.federated.privacy import (
-    UNIFORM_WEIGHT_KEY,
     PrivacyLedger,
     clipping_norm_of,
     composes_itself,
@@ -49,22 +50,27 @@ from fedrag_ray.federated.privacy import (
     wrap_strategy,
 )
 from fedrag_ray.federated.privacy import aggregate_train as dp_aggregate_train
-from fedrag_ray.federated.secagg import max_weight, secure_round
-from fedrag_ray.federated.strategies import (
-    SampledGrid,
-    build_strategy,
-    load_strategy_state,
-    strategy_state,
-)
-from fedrag_ray.federated.validation import (
+from fedrag_ray.federated.protocol import (
     ARRAYS_KEY,
+    CONFIG_KEY,
+    FULL_MODEL_BYTES_KEY,
+    INDEX_SECONDS_KEY,
     METRICS_KEY,
     PARTITION_KEY,
+    SERVER_ROUND_KEY,
+    TASK_EVALUATE,
+    TASK_KEY,
+    TASK_PREPARE,
+    TRAIN_LOSS_KEY,
+    TRAIN_SECONDS_KEY,
+    UNIFORM_WEIGHT_KEY,
     WEIGHT_KEY,
-    InvalidUpdate,
-    check_arrays,
-    split_valid,
 )
+from fedrag_ray.federated.ray_backend import SimulationNodes
+from fedrag_ray.federated.sampling import ClientSampler
+from fedrag_ray.federated.secagg import max_weight, secure_round
+from fedrag_ray.federated.strategies import build_strategy, load_strategy_state, strategy_state
+from fedrag_ray.federated.validation import InvalidUpdate, check_arrays, split_valid
 
 RoundCallback = Callable[[dict[str, Any]], None]
 # Instead of training: work on the prepared federation (federated retrieval at inference,
@@ -72,9 +78,10 @@ RoundCallback = Callable[[dict[str, Any]], None]
 InferenceFn = Callable[[Grid, "FederatedServer", dict[str, np.ndarray]], None]
 
 # Flower's in-memory Grid sleeps 0.1 s between pulls for replies, which rounds every
-# round's wall time up to the next 0.1 s; pulling is cheap (only this round's messages).
+# round's wall time up to the next 0.1 s. A pull checks every outstanding message, so for
+# big rounds it waits longer (1,000 messages: 0.1 s, about 0.1 ms per client task).
 PULL_INTERVAL_S = 0.01
-DISCOVERY_BATCH = 100  # query messages in flight at once during partition discovery
+PULL_INTERVAL_PER_MESSAGE_S = 1e-4
 SERVER_TASK_TRIES = 3  # nodes a prepare/evaluate message is tried on before giving up
 
 
@@ -102,8 +109,13 @@ class FederatedServer:
         on_round: RoundCallback | None = None,
         prepare_knowledge: Callable[[], None] | None = None,
         on_phase: Callable[[str], None] | None = None,
+        nodes: SimulationNodes | None = None,
+        partitions: Sequence[Sequence[int]] | None = None,
         inference: InferenceFn | None = None,
     ) -> None:
+        """``nodes``: the simulation's partition ↔ node mapping, published once the engine
+        registered them; ``partitions``: each client's question indices (computed once,
+        on the driver, and sent to a client with its train message)."""
         assert cfg.federation is not None
         self.inference = inference
         self.cfg = cfg
@@ -115,33 +127,14 @@ class FederatedServer:
         self.prepare_knowledge = prepare_knowledge or (lambda: None)
         self.phase = on_phase or (lambda _msg: None)
         self.fingerprint = config_fingerprint(cfg_json)
+        self.nodes = nodes or SimulationNodes()
+        self.partitions = partitions or []
         self.task_nodes: list[int] = []
 
-    def discover(self, grid: Grid) -> dict[int, int]:
-        """partition-id → node-id. Flower's node ids are random per run, partition ids are
-        not: asking each node once lets every run sample the same partitions."""
-        node_ids = list(grid.get_node_ids())
-        while len(node_ids) < self.fed.num_clients:
-            time.sleep(0.1)
-            node_ids = list(grid.get_node_ids())
-        mapping = {}
-        # In batches: Flower's in-memory LinkState finds a node's message by scanning all
-        # stored ones, so one batch of N queries costs O(N^2) (1,000 nodes: ~3 s more).
-        for i in range(0, len(node_ids), DISCOVERY_BATCH):
-            msgs = [
-                Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-                for n in node_ids[i : i + DISCOVERY_BATCH]
-            ]
-            for reply in grid.send_and_receive(msgs, timeout=self.fed.round_timeout_s):
-                if not reply.has_error():
-                    pid = int(reply.content["metrics"]["partition-id"])
-                    mapping[pid] = reply.metadata.src_node_id
-        return mapping
-
-    def sample(self, server_round: int) -> list[int]:
-        rng = np.random.default_rng([self.cfg.seed, server_round])
-        chosen = rng.choice(self.fed.num_clients, size=self.fed.sampled, replace=False)
-        return sorted(int(c) for c in chosen)
+    def send_and_receive(self, grid: Grid, messages: list[Message]) -> list[Message]:
+        if hasattr(grid, "pull_interval"):  # InMemoryGrid (simulation)
+            grid.pull_interval = max(PULL_INTERVAL_S, PULL_INTERVAL_PER_MESSAGE_S * len(messages))
+        return list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
 
     def server_task(
         self, grid: Grid, task: str, arrays: dict[str, np.ndarray] | None = None
@@ -150,19 +143,19 @@ class FederatedServer:
         errors = []
         record = to_record(arrays) if arrays is not None else None
         for node in self.task_nodes[:SERVER_TASK_TRIES]:
-            content = RecordDict({"config": ConfigRecord({"task": task})})
+            content = RecordDict({CONFIG_KEY: ConfigRecord({TASK_KEY: task})})
             if record is not None:
-                content["arrays"] = record
+                content[ARRAYS_KEY] = record
             msg = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
-            for reply in grid.send_and_receive([msg], timeout=self.fed.round_timeout_s):
+            for reply in self.send_and_receive(grid, [msg]):
                 if not reply.has_error():
                     return reply
                 errors.append(reply.error.reason)
         raise RuntimeError(f"server task {task!r} failed on every node tried: {errors[:3]}")
 
     def evaluate(self, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        reply = self.server_task(grid, "evaluate", arrays)
-        return {k: float(v) for k, v in reply.content["metrics"].items()}
+        reply = self.server_task(grid, TASK_EVALUATE, arrays)
+        return {k: float(v) for k, v in reply.content[METRICS_KEY].items()}
 
     def build_strategy(self, privacy_state: dict[str, Any]) -> tuple[Any, PrivacyLedger | None]:
         """Flower's strategy, in Flower's DP wrapper when configured, and the privacy
@@ -181,29 +174,31 @@ class FederatedServer:
         return strategy, ledger
 
     def run(self, grid: Grid) -> None:
-        if hasattr(grid, "pull_interval"):  # InMemoryGrid (simulation)
-            grid.pull_interval = PULL_INTERVAL_S
         ckpt = load_checkpoint(self.run_dir, self.fingerprint) if self.resume else None
         strategy, ledger = self.build_strategy(ckpt.extra.get("privacy", {}) if ckpt else {})
         pcfg = self.fed.privacy
         secagg = pcfg.secagg.enabled
         uniform = pcfg.mode == "central"
-        history: list[dict[str, Any]] = []
+        log = RunLog(self.run_dir)
+        history: list[dict[str, Any]] = log.load(ckpt.round) if ckpt else []
+        if ckpt is None:
+            log.reset()
         start_round = 1
 
         t = time.perf_counter()
-        part_to_node = self.discover(grid)
+        part_to_node = self.nodes.wait(self.fed.round_timeout_s)
         self.results["discovery_seconds"] = time.perf_counter() - t
-        self.task_nodes = [part_to_node[p] for p in sorted(part_to_node)]
+        sampler = ClientSampler(self.cfg.seed, self.fed.sampled, self.partitions, part_to_node)
+        self.task_nodes = [part_to_node[p] for p in sorted(part_to_node)[:SERVER_TASK_TRIES]]
 
         self.phase("preparing models and the global index on a client actor")
         t = time.perf_counter()
-        prepared = self.server_task(grid, "prepare")
-        info = prepared.content["metrics"]
-        self.results["full_model_bytes"] = int(info["full-model-bytes"])
-        self.results["index_seconds"] = float(info["index-seconds"])
+        prepared = self.server_task(grid, TASK_PREPARE)
+        info = prepared.content[METRICS_KEY]
+        self.results["full_model_bytes"] = int(info[FULL_MODEL_BYTES_KEY])
+        self.results["index_seconds"] = float(info[INDEX_SECONDS_KEY])
         self.results["prepare_seconds"] = time.perf_counter() - t
-        arrays = from_record(prepared.content["arrays"])
+        arrays = from_record(prepared.content[ARRAYS_KEY])
         t = time.perf_counter()
         self.prepare_knowledge()
         self.results["shards_seconds"] = time.perf_counter() - t
@@ -213,7 +208,7 @@ class FederatedServer:
             return
 
         if ckpt is not None:
-            arrays, history, start_round = ckpt.arrays, ckpt.history, ckpt.round + 1
+            arrays, start_round = ckpt.arrays, ckpt.round + 1
             load_strategy_state(strategy, ckpt.strategy_state)
         else:
             self.phase("evaluating the initial model")
@@ -221,6 +216,7 @@ class FederatedServer:
             history.append(
                 {"round": 0, **self.evaluate(grid, arrays), "seconds": time.perf_counter() - t}
             )
+            log.append(history[-1])
             self.on_round(history[-1])
         self.results["resumed_from_round"] = start_round - 1
         self.results["first_round_started_at"] = time.time()
@@ -228,19 +224,10 @@ class FederatedServer:
 
         for server_round in range(start_round, self.fed.rounds + 1):
             t0 = time.perf_counter()
-            sampled = [p for p in self.sample(server_round) if p in part_to_node]
-            random.seed(f"{self.cfg.seed}-{server_round}")  # Flower shuffles the sample
             if ledger is not None:
                 seed_noise(pcfg, server_round)
-            config = ConfigRecord({"server-round": server_round})
-            messages = list(
-                strategy.configure_train(
-                    server_round,
-                    to_record(arrays),
-                    config,
-                    SampledGrid(grid, [part_to_node[p] for p in sampled]),
-                )
-            )
+            config = ConfigRecord({SERVER_ROUND_KEY: server_round})
+            messages = sampler.train_messages(strategy, server_round, to_record(arrays), config)
             norms: dict[Any, float] = {}
             extra: dict[str, Any] = {}
             if secagg:  # the server only ever holds the sum (see secagg.py)
@@ -259,7 +246,7 @@ class FederatedServer:
                 extra["secagg_seconds"] = sr.seconds
             else:
                 bytes_down = sum(record_nbytes(m.content[ARRAYS_KEY]) for m in messages)
-                replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
+                replies = self.send_and_receive(grid, messages)
                 ok = [r for r in replies if not r.has_error()]
                 failed = [r.error.reason for r in replies if r.has_error()]
                 failed += ["timeout"] * (len(messages) - len(replies))
@@ -319,10 +306,10 @@ class FederatedServer:
                 **extra,
                 "bytes_sent": bytes_down,
                 "bytes_received": bytes_up,
-                "train_loss": float(np.mean([c["train-loss"] for c in clients]))
+                "train_loss": float(np.mean([c[TRAIN_LOSS_KEY] for c in clients]))
                 if clients
                 else None,
-                "client_compute_seconds": float(sum(c["train-seconds"] for c in clients)),
+                "client_compute_seconds": float(sum(c[TRAIN_SECONDS_KEY] for c in clients)),
                 "round_seconds": train_seconds,
                 "clients": clients,
             }
@@ -333,15 +320,14 @@ class FederatedServer:
             row["peak_rss_bytes"] = process_tree_rss()
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
+            log.append(row)  # before the checkpoint: a resume drops rows past it
             save_checkpoint(
                 self.run_dir,
                 RoundCheckpoint(
                     round=server_round,
                     arrays=arrays,
                     strategy_state=strategy_state(strategy),
-                    history=history,
                     config_hash=self.fingerprint,
-                    python_random_state=random.getstate(),
                     extra=self._privacy_extra(strategy, ledger),
                 ),
             )

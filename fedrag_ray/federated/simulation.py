@@ -29,15 +29,11 @@ import numpy as np
 from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json, npz_bytes
 from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.data import RagDataset, load_dataset_from_config
-from fedrag_ray.federated.client_app import (
-    client_partitions,
-    global_store_path,
-    make_client_app,
-    store_dir,
-)
+from fedrag_ray.federated.client_app import global_store_path, make_client_app, store_dir
 from fedrag_ray.federated.knowledge import public_store_path
-from fedrag_ray.federated.ray_backend import fedrag_backend
+from fedrag_ray.federated.ray_backend import SimulationNodes, fedrag_backend
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
+from fedrag_ray.federated.sampling import client_partitions
 from fedrag_ray.federated.server_app import (
     FederatedServer,
     InferenceFn,
@@ -53,7 +49,11 @@ SHARD_WRITERS = 8  # concurrent shard saves: the fsyncs of KnowledgeStore.save o
 
 
 def build_client_shards(
-    cfg: ExperimentConfig, data: RagDataset, store: KnowledgeStore, root: Path
+    cfg: ExperimentConfig,
+    data: RagDataset,
+    store: KnowledgeStore,
+    root: Path,
+    parts: list[list[int]] | None = None,
 ) -> int:
     """Private knowledge per client: the passages of the documents its own questions come
     from; with ``knowledge: both`` also one public store of the passages no client owns,
@@ -66,7 +66,8 @@ def build_client_shards(
     time that is ~20 ms per client (1,000 clients: 22 s; 8 writers: 1.6 s)."""
     fed = cfg.federation
     assert fed is not None
-    parts = client_partitions(cfg, data.train)
+    if parts is None:
+        parts = client_partitions(cfg, data.train)
     by_doc: dict[str, list[int]] = {}
     for i, p in enumerate(store.passages):
         by_doc.setdefault(p.doc_id, []).append(i)
@@ -173,8 +174,13 @@ def run_federated(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     num_cpus: int | None = None,
+    stock_backend: bool = False,
 ) -> dict[str, Any]:
-    """The federated run; a ``tracking:`` section also logs it (fedrag_ray.tracking)."""
+    """The federated run; a ``tracking:`` section also logs it (fedrag_ray.tracking).
+
+    ``stock_backend``: Flower 1.41's own RayBackend and message poller instead of
+    fedrag_ray's (``ray_backend``), as the baseline of benchmarks/simulation_scale.py; its
+    pool is sized from the whole cluster and it shuts Ray down at the end."""
     from fedrag_ray.tracking import track_federated
 
     return track_federated(
@@ -186,6 +192,7 @@ def run_federated(
         resume=resume,
         on_phase=on_phase,
         num_cpus=num_cpus,
+        stock_backend=stock_backend,
     )
 
 
@@ -197,6 +204,7 @@ def _run_federated(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     num_cpus: int | None = None,
+    stock_backend: bool = False,
     inference: InferenceFn | None = None,
 ) -> dict[str, Any]:
     fed = cfg.federation
@@ -236,6 +244,9 @@ def _run_federated(
         data = load_dataset_from_config(cfg.data)
         shards_built: list[int] = []
         shard_actors: list[dict[str, Any]] = []
+        t = time.perf_counter()
+        partitions = client_partitions(cfg, data.train)
+        partition_seconds = time.perf_counter() - t
 
         def prepare_knowledge() -> None:
             """After an actor saved the global index: slice the private shards from it,
@@ -243,7 +254,7 @@ def _run_federated(
             if fed.knowledge != "global":
                 phase(f"building private shards for {fed.num_clients} clients")
                 store = KnowledgeStore.load(global_path)
-                shards_built.append(build_client_shards(cfg, data, store, stores_root))
+                shards_built.append(build_client_shards(cfg, data, store, stores_root, partitions))
             if cfg.knowledge_store.serve == "actors":
                 from fedrag_ray import index_service
 
@@ -258,6 +269,7 @@ def _run_federated(
 
         setup_seconds = time.perf_counter() - t_start
         results: dict[str, Any] = {}
+        nodes = SimulationNodes()
         server = FederatedServer(
             cfg,
             cfg_json,
@@ -267,21 +279,26 @@ def _run_federated(
             on_round=on_round,
             prepare_knowledge=prepare_knowledge,
             on_phase=phase,
+            nodes=nodes,
+            partitions=partitions,
             inference=inference,
         )
         backend_config = {
             "client_resources": ray_client_resources(fed.client_resources),
             "fedrag": {
                 "num_actors": num_actors,
+                "client_step": fed.client_step,
+                "backend": "flower-stock" if stock_backend else "fedrag_ray",
                 "shutdown_ray": False,
                 "env_vars": {**quiet_env(), **forwarded_env()},
             },
         }
         phase(f"simulating {fed.num_clients} clients on {num_actors} Ray actors")
+        import ray
         from flwr.simulation import run_simulation
 
         t_sim = time.perf_counter()
-        with fedrag_backend():
+        with fedrag_backend(nodes, stock=stock_backend):
             run_simulation(
                 server_app=make_server_app(server),
                 client_app=make_client_app(cfg_json, str(stores_root)),
@@ -296,7 +313,7 @@ def _run_federated(
             return results
         if "history" not in results:
             raise RuntimeError("federated run ended without results (see the log above)")
-        actor_nodes = _client_nodes(results["history"])
+        actor_nodes = _client_nodes(results["history"]) if ray.is_initialized() else {}
         sim_seconds = time.perf_counter() - t_sim
     finally:
         if served:
@@ -320,6 +337,8 @@ def _run_federated(
         "num_clients": fed.num_clients,
         "clients_per_round": fed.sampled,
         "num_actors": num_actors,
+        "client_step": fed.client_step,
+        "backend": "flower-stock" if stock_backend else "fedrag_ray",
         "cluster_client_slots": slots,
         "strategy": fed.strategy.name,
         "knowledge": fed.knowledge,
@@ -345,6 +364,7 @@ def _run_federated(
         "timings": {
             "setup_s": setup_seconds,
             "simulation_s": sim_seconds,
+            "partition_s": partition_seconds,
             "discovery_s": results.get("discovery_seconds", 0.0),
             "prepare_s": results.get("prepare_seconds", 0.0),
             "index_s": results.get("index_seconds", 0.0),

@@ -2,18 +2,16 @@
 
 The strategies are Flower's own (``flwr.serverapp.strategy``), the robust ones
 (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) included: fedrag_ray only chooses
-one and its parameters, and restricts each round to the clients it sampled itself (so a
-resumed run samples exactly the same clients) through :class:`SampledGrid`. Differential
+one and its parameters; which clients a round trains is decided by
+``sampling.ClientSampler``, which hands the strategy only those nodes. Differential
 privacy wraps the strategy (``privacy.wrap_strategy``), it is not a subclass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -29,7 +27,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedrag_ray.config import StrategyConfig
-from fedrag_ray.federated.validation import WEIGHT_KEY
+from fedrag_ray.federated.protocol import WEIGHT_KEY
 
 # Attributes of Flower's strategies that change while training (FedOpt's moments and the
 # arrays of the current round); everything else is set from config at construction.
@@ -38,9 +36,9 @@ _STATE_ATTRS = ("current_arrays", "m_t", "v_t")
 
 def build_strategy(cfg: StrategyConfig, weighted_by_key: str = WEIGHT_KEY) -> Strategy:
     """``weighted_by_key``: the reply metric to weight clients by (DP averages uniformly,
-    see ``privacy.UNIFORM_WEIGHT_KEY``)."""
+    see ``protocol.UNIFORM_WEIGHT_KEY``)."""
     common: dict[str, Any] = {
-        "fraction_train": 1.0,  # sampling is done by fedrag_ray, see SampledGrid
+        "fraction_train": 1.0,  # of the nodes sampling.ClientSampler hands it
         "fraction_evaluate": 0.0,  # evaluation is server-side on held-out questions
         "min_train_nodes": 1,
         "min_available_nodes": 1,
@@ -92,37 +90,3 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
         if k not in _STATE_ATTRS:
             raise ValueError(f"unexpected strategy state {k!r}")
         setattr(strategy, k, None if v is None else {n: np.asarray(a) for n, a in v.items()})
-
-
-class SampledGrid(Grid):
-    """A view of a Grid that exposes only the nodes sampled for this round."""
-
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid = grid
-        self._node_ids = list(node_ids)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._node_ids)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    # Grid's abstract interface, delegated.
-    @property
-    def run(self) -> Any:  # pragma: no cover - delegation
-        return self._grid.run
-
-    def set_run(self, run_id: int) -> None:  # pragma: no cover
-        self._grid.set_run(run_id)
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
-        return self._grid.create_message(*args, **kwargs)
-
-    def push_messages(self, messages: Any) -> Any:  # pragma: no cover
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Any) -> Any:  # pragma: no cover
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
-        return self._grid.send_and_receive(messages, timeout=timeout)

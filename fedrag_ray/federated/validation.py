@@ -16,11 +16,7 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-ARRAYS_KEY = "arrays"  # the ArrayRecord of a train message / reply
-CONFIG_KEY = "config"  # the ConfigRecord of a train message
-METRICS_KEY = "metrics"  # the MetricRecord of a reply
-PARTITION_KEY = "partition-id"
-WEIGHT_KEY = "num-examples"
+from fedrag_ray.federated.protocol import ARRAYS_KEY, METRICS_KEY, PARTITION_KEY, WEIGHT_KEY
 
 
 class InvalidUpdate(ValueError):

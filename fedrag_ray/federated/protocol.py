@@ -1,0 +1,54 @@
+"""The message protocol between fedrag_ray's ServerApp and ClientApp, in one place.
+
+Every name a server message or a client reply carries is defined here, so the two sides
+(``server_app.py``, ``client_app.py``, and the DP / SecAgg+ / validation code between
+them) cannot drift apart on a string literal.
+
+Message types are Flower's: ``MessageType.TRAIN`` is one client's local round;
+``MessageType.EVALUATE`` is model work the server hands to a client actor (the driver
+never loads a model), named by :data:`TASK_KEY`: :data:`TASK_PREPARE` (build the global
+index if missing, reply with the initial trainable arrays) or :data:`TASK_EVALUATE`
+(score the arrays sent on the held-out questions).
+
+A train message:  ``{ARRAYS_KEY: global arrays, CONFIG_KEY: {SERVER_ROUND_KEY,
+EXAMPLE_IDS_KEY, [PROXIMAL_MU_KEY]}}``; its reply: ``{ARRAYS_KEY: trained arrays,
+METRICS_KEY: {PARTITION_KEY, WEIGHT_KEY, TRAIN_LOSS_KEY, TRAIN_SECONDS_KEY, ...}}``.
+"""
+
+from __future__ import annotations
+
+from flwr.common.constant import PARTITION_ID_KEY
+
+# Records of a message's RecordDict.
+ARRAYS_KEY = "arrays"  # ArrayRecord: the trainable arrays (global down, trained up)
+CONFIG_KEY = "config"  # ConfigRecord of a server message
+METRICS_KEY = "metrics"  # MetricRecord of a reply
+
+# Config keys of server messages.
+SERVER_ROUND_KEY = "server-round"  # Flower's strategies inject it too
+EXAMPLE_IDS_KEY = "example-ids"  # the client's question indices into the train set
+PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx
+TASK_KEY = "task"  # of an EVALUATE message: which server task
+TASK_PREPARE = "prepare"
+TASK_EVALUATE = "evaluate"
+# federated retrieval at inference (federated_retrieval.py: its own hit/answer records)
+TASK_RETRIEVE = "retrieve"
+TASK_ANSWER = "answer"
+SERVER_TASKS = (TASK_PREPARE, TASK_EVALUATE, TASK_RETRIEVE, TASK_ANSWER)
+
+# Metric keys of a train reply. The partition id is Flower's node_config key, so a reply
+# names its client the way the simulation engine does.
+PARTITION_KEY = PARTITION_ID_KEY  # "partition-id"
+WEIGHT_KEY = "num-examples"  # what FedAvg weights by
+TRAIN_LOSS_KEY = "train-loss"
+TRAIN_SECONDS_KEY = "train-seconds"
+UNIFORM_WEIGHT_KEY = "dp-uniform-weight"  # set to 1 on every accepted reply under DP
+
+# Metric keys of a prepare reply.
+FULL_MODEL_BYTES_KEY = "full-model-bytes"
+INDEX_SECONDS_KEY = "index-seconds"
+NUM_PASSAGES_KEY = "num-passages"
+
+# Config keys of the FitIns that SecAgg+ (a legacy workflow) carries to the client mod.
+ARRAY_NAMES_KEY = "fedrag-array-names"  # the array names, "\n"-joined, in order
+UNIFORM_KEY = "fedrag-uniform-weight"  # weight every client 1 (DP)
