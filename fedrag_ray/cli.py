@@ -217,19 +217,8 @@ def eval_(
             store = prepare_store(system, data)
         with console.status("evaluating"):
             metrics = evaluate(system, eval_examples(cfg, data), store, closed_book=closed_book)
-        table = Table(title=f"{cfg.name}: evaluation ({int(metrics['n'])} questions)")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for k, v in metrics.items():
-            table.add_row(k, _fmt(v))
-        console.print(table)
-        if output:
-            from fedrag_ray.atomic import atomic_write_json
-
-            output.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(
-                output / "results.json", {"metrics": metrics, "config": cfg.model_dump(mode="json")}
-            )
+        title = f"{cfg.name}: evaluation ({int(metrics['n'])} questions)"
+        _show_metrics(cfg, title, "metrics", metrics, output)
 
     _run(go)
 
@@ -244,8 +233,15 @@ def _federated_eval(cfg: ExperimentConfig, output: Path | None, address: str | N
     hook = eval_inference([e.question for e in held], [e.gold_doc_ids for e in held], [1, 5, 10])
     with console.status("federated retrieval vs central"):
         res = run_federated_retrieval(cfg, hook, output, address=address)
-    metrics = res["federated_eval"]
-    table = Table(title=f"{cfg.name}: federated retrieval ({cfg.federation.retrieval.merge})")
+    title = f"{cfg.name}: federated retrieval ({cfg.federation.retrieval.merge})"
+    _show_metrics(cfg, title, "federated_eval", res["federated_eval"], output)
+
+
+def _show_metrics(
+    cfg: ExperimentConfig, title: str, key: str, metrics: dict[str, Any], output: Path | None
+) -> None:
+    """An evaluation's metrics as a table, and in ``output/results.json`` under ``key``."""
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
@@ -256,8 +252,7 @@ def _federated_eval(cfg: ExperimentConfig, output: Path | None, address: str | N
 
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
-            output / "results.json",
-            {"federated_eval": metrics, "config": cfg.model_dump(mode="json")},
+            output / "results.json", {key: metrics, "config": cfg.model_dump(mode="json")}
         )
 
 
