@@ -29,11 +29,16 @@ def _passages(n: int) -> list[Passage]:
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray for the shard actors; one an earlier test of the session left running
+    is used as it is (and left to its owner)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.mark.timeout(300)

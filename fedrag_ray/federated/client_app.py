@@ -194,10 +194,13 @@ def get_runtime(cfg_json: str, stores_root: str) -> ClientRuntime:
 
 
 def node_tag() -> int:
-    """The Ray node this actor runs on, as an int (metrics carry numbers, not strings)."""
+    """The Ray node this actor runs on, as an int (metrics carry numbers, not strings);
+    -1 outside Ray (asking Ray's runtime context there would start a local Ray)."""
     try:
         import ray
 
+        if not ray.is_initialized():
+            return -1
         return int(ray.get_runtime_context().get_node_id()[:8], 16)
     except Exception:
         return -1
