@@ -430,3 +430,44 @@ def test_arrays_decode_without_np_load_exactly_as_flower_does():
         assert np.array_equal(got, want)
         got[...] = 0  # writable, and not a view of the record's bytes
         assert np.array_equal(array.numpy(), value)
+
+
+def test_records_carry_arrays_that_the_strategy_decodes_without_np_load(monkeypatch):
+    """to_record's arrays stay WireArray through a pickle (the Ray hop back from an actor)
+    and through Flower's FedAvg, which then never calls np.load; the aggregate equals the
+    weighted mean of the plain decodes."""
+    import pickle
+
+    from flwr.app import Array, Message, Metadata, MetricRecord, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedrag_ray.federated.params import WireArray, from_record, to_record
+    from fedrag_ray.federated.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+
+    rng = np.random.default_rng(1)
+    states = [{"a": rng.random((4, 3), dtype=np.float32)} for _ in range(3)]
+    replies: list[Message] = []
+    for i, state in enumerate(states):
+        md = Metadata(
+            run_id=1, message_id="", src_node_id=i + 1, dst_node_id=0,
+            reply_to_message_id="m", group_id="1", created_at=0.0, ttl=60.0,
+            message_type="train",
+        )  # fmt: skip
+        content = RecordDict(
+            {ARRAYS_KEY: to_record(state), METRICS_KEY: MetricRecord({WEIGHT_KEY: i + 1})}
+        )
+        replies.append(pickle.loads(pickle.dumps(make_message(md, content))))
+    assert all(isinstance(r.content[ARRAYS_KEY]["a"], WireArray) for r in replies)
+    assert np.array_equal(
+        replies[0].content[ARRAYS_KEY]["a"].numpy(),
+        Array.numpy(replies[0].content[ARRAYS_KEY]["a"]),
+    )
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("np.load called")
+
+    monkeypatch.setattr(np, "load", no_load)
+    arrays, _ = FedAvg().aggregate_train(1, replies)
+    want = sum((i + 1) * s["a"].astype(np.float64) for i, s in enumerate(states)) / 6
+    np.testing.assert_allclose(from_record(arrays)["a"], want, rtol=1e-6)

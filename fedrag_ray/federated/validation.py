@@ -16,6 +16,7 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedrag_ray.federated.params import to_numpy
 from fedrag_ray.federated.protocol import ARRAYS_KEY, METRICS_KEY, PARTITION_KEY, WEIGHT_KEY
 
 
@@ -63,7 +64,7 @@ def check_reply(
     if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
         raise InvalidUpdate(f"{WEIGHT_KEY} must be a positive finite number, got {weight!r}")
     try:
-        arrays = {k: a.numpy() for k, a in record.items()}
+        arrays = {k: to_numpy(a) for k, a in record.items()}
     except Exception as err:  # undecodable bytes
         raise InvalidUpdate(f"arrays cannot be decoded: {err}") from None
     return check_arrays(arrays, reference, max_update_norm)
