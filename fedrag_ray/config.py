@@ -87,6 +87,8 @@ class GeneratorConfig(_Strict):
     ``autocast`` the compute dtype of forward/backward: ``auto`` uses bfloat16 where the
     device runs it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16), else float32.
     ``chat_template``: wrap prompts in the tokenizer's chat template when it has one.
+    ``frozen_in_compute_dtype``: with bf16 autocast, keep the frozen base's ``Linear``
+    weights in bf16 (bit-identical results, half their memory; see ``Generator._compact``).
     """
 
     model: str = "default"
@@ -97,6 +99,7 @@ class GeneratorConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     autocast: Literal["auto", "bfloat16", "none"] = "auto"
     chat_template: bool = True
+    frozen_in_compute_dtype: bool = True
 
     @model_validator(mode="after")
     def _no_float16(self) -> GeneratorConfig:

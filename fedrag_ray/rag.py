@@ -178,6 +178,6 @@ class RAGSystem:
 
     def full_model_bytes(self) -> int:
         """Bytes of the whole system's weights (generator + query encoder), for ratios."""
-        gen = sum(p.numel() * p.element_size() for p in self.generator.model.parameters())
+        gen = self.generator.weight_bytes()
         ret = sum(p.numel() * p.element_size() for p in self.retriever.query_encoder.parameters())
         return int(gen + ret)

@@ -207,3 +207,48 @@ def test_generator_and_retriever_move_to_cuda(retriever):
     assert system.generator.autocast_dtype == torch.bfloat16
     q = system.retriever.encode_queries(["does aspirin lower fever?"])
     assert isinstance(q, np.ndarray)
+
+
+def test_frozen_linears_in_bf16_give_bit_identical_results(pubmedqa_sample):
+    """With bf16 autocast, SmolLM2's frozen Linear weights stored in bf16 give the same
+    loss, LoRA gradients and option scores bit for bit as float32 weights (autocast casts
+    them on every call), take ~0.2 GB less, and the tied LM head / embeddings stay fp32."""
+    gens = {
+        flag: Generator(
+            GeneratorConfig(max_length=160, autocast="bfloat16", frozen_in_compute_dtype=flag),
+            seed=0,
+        )
+        for flag in (True, False)
+    }
+    compact, plain = gens[True], gens[False]
+    q_proj = compact.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert compact.model.get_input_embeddings().weight.dtype == torch.float32
+
+    def nbytes(g: Generator) -> int:
+        return sum(p.numel() * p.element_size() for p in g.model.parameters())
+
+    assert nbytes(plain) - nbytes(compact) > 150e6
+    assert compact.weight_bytes() == plain.weight_bytes() == nbytes(plain)
+
+    prompts = _prompts(compact, pubmedqa_sample)
+    answers = ["yes", "no", "maybe"]
+    grads = {}
+    for flag, g in gens.items():
+        g.model.train()
+        g.model.zero_grad()
+        loss = g.loss(prompts, answers)
+        loss.backward()
+        grads[flag] = (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in g.model.named_parameters() if p.grad is not None},
+        )
+        g.model.eval()
+    assert torch.equal(grads[True][0], grads[False][0])
+    assert grads[True][1].keys() == grads[False][1].keys() and grads[True][1]
+    for name, grad in grads[True][1].items():
+        assert torch.equal(grad, grads[False][1][name]), name
+    assert torch.equal(
+        compact.option_logprobs(prompts, answers), plain.option_logprobs(prompts, answers)
+    )
