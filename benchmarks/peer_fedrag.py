@@ -1055,6 +1055,12 @@ def main() -> None:
         action="store_true",
         help="recompute medians/verdicts/table/PNG from OUT/peer_fedrag.json's raw runs",
     )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the cells of OUT/peer_fedrag.json that this invocation does not run "
+        "(each cell's two sides are still measured in one run)",
+    )
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -1133,6 +1139,19 @@ def main() -> None:
                     f"rounds {res.get('round_seconds')} rss {res.get('sampled_peak_rss_sum_gib')}"
                 )
 
+    kept: dict[str, Any] = {}
+    saved_path = args.out / "peer_fedrag.json"
+    if args.merge and saved_path.exists():  # cells not run here stay as measured before
+        saved = json.loads(saved_path.read_text())
+        for cell, runs in saved.get("raw", {}).items():
+            if cell not in raw:
+                raw[cell] = runs
+                kept[cell] = saved.get("date")
+        if not scale_runs and saved.get("raw_scale"):
+            scale_runs.extend(saved["raw_scale"])
+            kept["scale"] = saved.get("date")
+        kept["earlier_command"] = saved.get("command")
+
     cells, verdict, headroom, crossover, md = derive(raw, scale_runs)
     codes = sorted(
         {r.get("fedrag_ray_code") for r in [*sum(raw.values(), []), *scale_runs]} - {None}
@@ -1155,6 +1174,7 @@ def main() -> None:
         "git": _git(),
         "fedrag_ray_code_per_run": codes,
         "fedrag_ray_code_changed_during_run": len(codes) > 1,
+        "kept_from_earlier_run": kept,
         "job": {
             "methods": list(args.methods),
             "clients": list(args.ks),
