@@ -28,7 +28,8 @@ Measured per run (each in its own subprocess, so memory is its own):
                      nodes_s (until the engine has registered its nodes and the server
                      has the partition <-> node mapping; Flower registers them itself).
   * memory        -- peak RSS of the driver, and of the whole process tree (driver, Ray
-                     GCS/raylet/workers, client actors), sampled every 0.2 s.
+                     GCS/raylet/workers, client actors), sampled every 0.2 s by a separate
+                     process (not a thread: it would take the driver's GIL).
                      Growth per registered client: least-squares slope over registered
                      of the total peak, per per-round count; the worst is judged.
   * round_s       -- the server's training part of a round (sample, configure,
