@@ -254,8 +254,13 @@ class RecordingGrid:
         if hasattr(grid, "pull_interval"):
             grid.pull_interval = 0.01
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def send_and_receive(self, messages, *, timeout=None):  # Flower's workflows (SecAgg+)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._seen += replies
+        return replies
+
+    def pull_messages(self, message_ids):  # FederatedServer.send_and_receive
+        replies = list(self._grid.pull_messages(message_ids))
         self._seen += replies
         return replies
 
