@@ -34,12 +34,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+# When the benchmark process imported this module, i.e. when it started (machine_info()
+# itself runs when the result is written, at the end).
+LOAD_AVERAGE_AT_START = os.getloadavg()
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg(),
+        "load_average_at_start": LOAD_AVERAGE_AT_START,
     }
     try:
         import torch
