@@ -34,8 +34,10 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/fedrag-ray simulate quickstart --output runs/quickstart
 
+# Two pytest workers: the federated tests spend most of their wall time waiting (Ray and
+# actor start-up, a client on one core), so a second worker fills the idle core.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fedrag_ray tests benchmarks
