@@ -199,8 +199,16 @@ def run_worker(spec_path: str) -> None:
         best, times, (_, ids) = timed_search(lambda: numpy_search(db, queries, K))
         np.save(tmp / f"{spec['tag']}.npy", ids)
         rows.append(
-            dict(base, params={}, build_s=0.0, search_s=best, search_times_s=times,
-                 qps=nq / best, ids=f"{spec['tag']}.npy", rss_before_build_mib=rss0)
+            dict(
+                base,
+                params={},
+                build_s=0.0,
+                search_s=best,
+                search_times_s=times,
+                qps=nq / best,
+                ids=f"{spec['tag']}.npy",
+                rss_before_build_mib=rss0,
+            )
         )
     else:
         t0 = time.perf_counter()
@@ -232,16 +240,29 @@ def run_worker(spec_path: str) -> None:
                     params = {"nlist_per_shard": int(shard.nlist), "nprobe": int(shard.nprobe)}
                 elif spec["index"] == "hnsw":
                     shard.hnsw.efSearch = value
-                    params = {"M": spec["hnsw_m"], "efConstruction": int(
-                        shard.hnsw.efConstruction), "efSearch": int(shard.hnsw.efSearch)}
+                    params = {
+                        "M": spec["hnsw_m"],
+                        "efConstruction": int(shard.hnsw.efConstruction),
+                        "efSearch": int(shard.hnsw.efSearch),
+                    }
             best, times, (_, ids) = timed_search(lambda: store.search(queries, K))
             tag = f"{spec['tag']}_{value}" if value is not None else spec["tag"]
             np.save(tmp / f"{tag}.npy", ids)
             rows.append(
-                dict(base, params=params, build_s=add_s + build_only_s, add_s=add_s,
-                     index_build_s=build_only_s, passages_s=passages_s,
-                     shard_sizes=shard_sizes, search_s=best, search_times_s=times,
-                     qps=nq / best, ids=f"{tag}.npy", rss_before_build_mib=rss0)
+                dict(
+                    base,
+                    params=params,
+                    build_s=add_s + build_only_s,
+                    add_s=add_s,
+                    index_build_s=build_only_s,
+                    passages_s=passages_s,
+                    shard_sizes=shard_sizes,
+                    search_s=best,
+                    search_times_s=times,
+                    qps=nq / best,
+                    ids=f"{tag}.npy",
+                    rss_before_build_mib=rss0,
+                )
             )
     for row in rows:
         row["peak_rss_mib"] = peak_rss_mib()
@@ -303,8 +324,10 @@ def run_config(spec: dict, tmp: Path, log) -> list[dict]:
     for row in rows:
         row["worker_wall_s"] = wall
         row["loadavg_1m_at_start"] = load  # machine is shared: a high value = noisy timing
-    log(f"  {spec['tag']}: worker wall {wall:.1f}s, build {rows[0]['build_s']:.1f}s, "
-        + ", ".join(f"{r['params']} qps={r['qps']:.0f}" for r in rows))
+    log(
+        f"  {spec['tag']}: worker wall {wall:.1f}s, build {rows[0]['build_s']:.1f}s, "
+        + ", ".join(f"{r['params']} qps={r['qps']:.0f}" for r in rows)
+    )
     return rows
 
 
@@ -337,8 +360,11 @@ def main() -> None:
     ap.add_argument("--hnsw-max-build-s", type=float, default=300.0)
     ap.add_argument("--hnsw-capped-build-s", type=float, default=180.0)
     ap.add_argument("--seed", type=int, default=SEED)
-    ap.add_argument("--render-only", action="store_true",
-                    help="re-derive speedups, re-plot and re-print from OUT/retrieval.json")
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="re-derive speedups, re-plot and re-print from OUT/retrieval.json",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -359,8 +385,10 @@ def main() -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
     info = machine_info()
-    log(f"machine: {info['cpu_model']}, {info['logical_cpus']} cpus, {info['ram_gib']} GiB, "
-        f"faiss {info['faiss']} ({info['faiss_omp_threads']} threads)")
+    log(
+        f"machine: {info['cpu_model']}, {info['logical_cpus']} cpus, {info['ram_gib']} GiB, "
+        f"faiss {info['faiss']} ({info['faiss_omp_threads']} threads)"
+    )
     results: list[dict] = []
     caps: list[str] = []
     hnsw_ref: tuple[int | None, float | None] = (None, None)
@@ -389,10 +417,17 @@ def main() -> None:
             for shards in (1, N_SHARDS):
                 per_shard = n // shards
                 nlist = min(round(4 * math.sqrt(per_shard)), args.ivf_max_nlist)
-                specs.append({"tag": f"ivf_{shards}", "index": "ivf", "n_shards": shards,
-                              "nlist": nlist, "sweep": args.nprobe,
-                              "nlist_rule": "round(4*sqrt(vectors per shard))",
-                              "nlist_uncapped": round(4 * math.sqrt(per_shard))})
+                specs.append(
+                    {
+                        "tag": f"ivf_{shards}",
+                        "index": "ivf",
+                        "n_shards": shards,
+                        "nlist": nlist,
+                        "sweep": args.nprobe,
+                        "nlist_rule": "round(4*sqrt(vectors per shard))",
+                        "nlist_uncapped": round(4 * math.sqrt(per_shard)),
+                    }
+                )
             for spec in specs:
                 spec["n_indexed"] = n
                 add(spec, run_config(spec, tmp, log))
@@ -402,9 +437,11 @@ def main() -> None:
             n_h, est_full = hnsw_cap(n, *hnsw_ref, args)
             gt_h = gt
             if n_h < n:
-                msg = (f"HNSW at N={n}: full build extrapolated to {est_full:.0f}s per index "
-                       f"(> {args.hnsw_max_build_s:.0f}s) from N={hnsw_ref[0]}; built on the "
-                       f"first {n_h} vectors instead, recall vs exact flat over those {n_h}")
+                msg = (
+                    f"HNSW at N={n}: full build extrapolated to {est_full:.0f}s per index "
+                    f"(> {args.hnsw_max_build_s:.0f}s) from N={hnsw_ref[0]}; built on the "
+                    f"first {n_h} vectors instead, recall vs exact flat over those {n_h}"
+                )
                 caps.append(msg)
                 log(msg)
                 sub = np.load(tmp / "db.npy", mmap_mode="r")[:n_h]
@@ -413,8 +450,14 @@ def main() -> None:
                 gt_h = flat.search(np.load(tmp / "queries.npy"), K)[1]
                 del flat, sub
             for shards in (1, N_SHARDS):
-                spec = {"tag": f"hnsw_{shards}", "index": "hnsw", "n_shards": shards,
-                        "hnsw_m": args.hnsw_m, "sweep": args.ef_search, "n_indexed": n_h}
+                spec = {
+                    "tag": f"hnsw_{shards}",
+                    "index": "hnsw",
+                    "n_shards": shards,
+                    "hnsw_m": args.hnsw_m,
+                    "sweep": args.ef_search,
+                    "n_indexed": n_h,
+                }
                 rows = run_config(spec, tmp, log)
                 for r in rows:
                     r["hnsw_build_estimate_full_n_s"] = None if math.isnan(est_full) else est_full
@@ -429,8 +472,9 @@ def main() -> None:
                 r["recall_at_10"] = recall_at_k(ids, ref)
                 r.setdefault("capped", False)
                 if r["index"] == "numpy":
-                    r["matches_flat_exactly"] = bool(np.array_equal(np.sort(ids, 1),
-                                                                    np.sort(gt, 1)))
+                    r["matches_flat_exactly"] = bool(
+                        np.array_equal(np.sort(ids, 1), np.sort(gt, 1))
+                    )
             results.extend(size_rows)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -449,8 +493,10 @@ def main() -> None:
             "dtype": "float32",
             "normalised": "L2, searched by inner product (= cosine)",
             "centres": f"{N_CENTRES} random unit vectors",
-            "noise": ("Gaussian, random rotation, power-law spectrum (variance of component "
-                      f"i ∝ 1/(i+1)), expected norm {NOISE_NORM}, then re-normalised"),
+            "noise": (
+                "Gaussian, random rotation, power-law spectrum (variance of component "
+                f"i ∝ 1/(i+1)), expected norm {NOISE_NORM}, then re-normalised"
+            ),
             "queries": f"{args.queries} fresh draws from the same mixture",
             "seed": args.seed,
         },
@@ -458,12 +504,16 @@ def main() -> None:
             "k": K,
             "built_through": "fedrag_ray.knowledge_store.KnowledgeStore (add + build + search)",
             "sharded": f"n_shards={N_SHARDS} -> faiss.IndexShards(threaded=False)",
-            "param_sweep_note": ("nprobe / hnsw.efSearch set on KnowledgeStore._shards (private) "
-                                 "after build; KnowledgeStore has no public setter"),
+            "param_sweep_note": (
+                "nprobe / hnsw.efSearch set on KnowledgeStore._shards (private) "
+                "after build; KnowledgeStore has no public setter"
+            ),
             "qps": "batch of all queries in one search call; best of up to 3 repeats",
             "ground_truth": "single-index flat KnowledgeStore of the same N (exact)",
-            "peak_rss": ("VmHWM of a fresh worker process per configuration; includes the "
-                         "import baseline (rss_after_imports_mib: fedrag_ray + faiss + numpy)"),
+            "peak_rss": (
+                "VmHWM of a fresh worker process per configuration; includes the "
+                "import baseline (rss_after_imports_mib: fedrag_ray + faiss + numpy)"
+            ),
             "ivf_max_nlist": args.ivf_max_nlist,
             "caps": caps,
         },
@@ -497,18 +547,26 @@ def render(report: dict, out: Path) -> None:
     derive(report)
     results = report["rows"]
     (out / "retrieval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    plot(results, out / "retrieval.png", report["machine"].get("loadavg_1m_during_run"),
-         report["machine"]["logical_cpus"])
+    plot(
+        results,
+        out / "retrieval.png",
+        report["machine"].get("loadavg_1m_during_run"),
+        report["machine"]["logical_cpus"],
+    )
     print(f"wrote {out / 'retrieval.json'} and {out / 'retrieval.png'}\n")
     print(markdown_table(results))
     base = [r["rss_after_imports_mib"] for r in results if "rss_after_imports_mib" in r]
     if base:
-        print(f"\npeak RSS includes ~{np.median(base):.0f} MiB of import baseline (fedrag_ray "
-              "package + faiss + numpy) before any data is loaded")
+        print(
+            f"\npeak RSS includes ~{np.median(base):.0f} MiB of import baseline (fedrag_ray "
+            "package + faiss + numpy) before any data is loaded"
+        )
     load = report["machine"].get("loadavg_1m_during_run")
     if load:
-        print(f"machine load average (1 min) during the run: {load['min']:.1f}-{load['max']:.1f} "
-              f"on {report['machine']['logical_cpus']} CPUs")
+        print(
+            f"machine load average (1 min) during the run: {load['min']:.1f}-{load['max']:.1f} "
+            f"on {report['machine']['logical_cpus']} CPUs"
+        )
     for c in report["method"]["caps"]:
         print(f"* capped: {c}")
     print(f"\ntotal runtime {report['total_runtime_s'] / 60:.1f} min")
@@ -529,14 +587,18 @@ def _label(r: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| N | index | shards | build s | qps | recall@10 | speedup vs numpy | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| N | index | shards | build s | qps | recall@10 | speedup vs numpy | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("speedup_vs_numpy") is not None:
             speedup = f"{r['speedup_vs_numpy']:.2f}x"
         elif r.get("speedup_vs_numpy_at_n_indexed"):
-            speedup = (f"n/a (capped; {r['speedup_vs_numpy_at_n_indexed']:.1f}x vs numpy "
-                       f"at N={r['n_indexed']:,})")
+            speedup = (
+                f"n/a (capped; {r['speedup_vs_numpy_at_n_indexed']:.1f}x vs numpy "
+                f"at N={r['n_indexed']:,})"
+            )
         else:
             speedup = "n/a (capped)"
         lines.append(
@@ -561,19 +623,41 @@ def plot(rows: list[dict], path: Path, load: dict | None = None, cpus: int = 0) 
             marker = "*" if r["index"] == "numpy" else ("o" if r["shards"] == 1 else "^")
             colour = colours[r["index"]]
             if r.get("capped"):  # hollow: indexed fewer than N vectors
-                ax.scatter(r["qps"], r["recall_at_10"], marker=marker, s=50,
-                           facecolors="none", edgecolors=colour, linewidths=1.5)
+                ax.scatter(
+                    r["qps"],
+                    r["recall_at_10"],
+                    marker=marker,
+                    s=50,
+                    facecolors="none",
+                    edgecolors=colour,
+                    linewidths=1.5,
+                )
             else:
-                ax.scatter(r["qps"], r["recall_at_10"], c=colour, marker=marker,
-                           s=90 if marker == "*" else 50, edgecolors="k", linewidths=0.4)
+                ax.scatter(
+                    r["qps"],
+                    r["recall_at_10"],
+                    c=colour,
+                    marker=marker,
+                    s=90 if marker == "*" else 50,
+                    edgecolors="k",
+                    linewidths=0.4,
+                )
             p = r["params"]
-            note = (f"np={p['nprobe']}" if "nprobe" in p
-                    else f"ef={p['efSearch']}" if "efSearch" in p else "")
+            note = (
+                f"np={p['nprobe']}"
+                if "nprobe" in p
+                else f"ef={p['efSearch']}"
+                if "efSearch" in p
+                else ""
+            )
             if note:
-                ax.annotate(f"{note}{'/4sh' if r['shards'] > 1 else ''}",
-                            (r["qps"], r["recall_at_10"]), fontsize=7,
-                            xytext=(4, -9 if r["shards"] > 1 else 4),
-                            textcoords="offset points")
+                ax.annotate(
+                    f"{note}{'/4sh' if r['shards'] > 1 else ''}",
+                    (r["qps"], r["recall_at_10"]),
+                    fontsize=7,
+                    xytext=(4, -9 if r["shards"] > 1 else 4),
+                    textcoords="offset points",
+                )
         capped = [r for r in rows if r["N"] == n and r.get("capped")]
         title = f"N = {n:,} (384-d, k=10)"
         if capped:
@@ -593,9 +677,15 @@ def plot(rows: list[dict], path: Path, load: dict | None = None, cpus: int = 0) 
     axes[0][-1].legend(handles=handles, fontsize=8, loc="lower left")
     fig.suptitle("fedrag_ray KnowledgeStore retrieval: qps vs recall@10", fontsize=11)
     if load:
-        fig.text(0.5, 0.005, f"shared {cpus}-CPU machine, 1-min load average "
-                 f"{load['min']:.0f}-{load['max']:.0f} during the run: absolute qps are "
-                 "depressed and noisy; compare within a panel", ha="center", fontsize=8)
+        fig.text(
+            0.5,
+            0.005,
+            f"shared {cpus}-CPU machine, 1-min load average "
+            f"{load['min']:.0f}-{load['max']:.0f} during the run: absolute qps are "
+            "depressed and noisy; compare within a panel",
+            ha="center",
+            fontsize=8,
+        )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,17 @@ def test_generator_and_retriever_move_to_cuda(retriever):
     assert isinstance(q, np.ndarray)
 
 
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of ``.safetensors`` files."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
 def test_frozen_linears_in_bf16_give_bit_identical_results(pubmedqa_sample):
     """With bf16 autocast, SmolLM2's frozen Linear weights stored in bf16 give the same
     loss, LoRA gradients and option scores bit for bit as float32 weights (autocast casts
@@ -230,6 +242,18 @@ def test_frozen_linears_in_bf16_give_bit_identical_results(pubmedqa_sample):
         return sum(p.numel() * p.element_size() for p in g.model.parameters())
 
     assert nbytes(plain) - nbytes(compact) > 150e6
+    # ... and none of them still lives in the memory map of the weights file (the plain
+    # model's tensors do): that map's read pages would count in RSS, undoing the saving
+    mapped = _file_mappings()
+
+    def in_map(g: Generator) -> int:
+        return sum(
+            any(lo <= p.data_ptr() < hi for lo, hi in mapped)
+            for p in [*g.model.parameters(), *g.model.buffers()]
+        )
+
+    assert in_map(plain) > 0
+    assert in_map(compact) == 0
     assert compact.weight_bytes() == plain.weight_bytes() == nbytes(plain)
 
     prompts = _prompts(compact, pubmedqa_sample)

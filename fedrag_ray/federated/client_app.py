@@ -73,7 +73,7 @@ from fedrag_ray.federated.protocol import (
 )
 from fedrag_ray.federated.sampling import decode_example_ids
 from fedrag_ray.knowledge_store import KnowledgeStore
-from fedrag_ray.runtime import configure_process
+from fedrag_ray.runtime import configure_process, release_free_memory
 
 if TYPE_CHECKING:
     from fedrag_ray.rag import RAGSystem
@@ -235,6 +235,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
             index_seconds = time.perf_counter() - t
             if rt.clients_served:
                 raise RuntimeError("prepare must run before any client trains in this actor")
+            release_free_memory()  # the index build's buffers
             content = {
                 ARRAYS_KEY: to_record(rt.system.trainable_state()),
                 METRICS_KEY: MetricRecord(
@@ -250,6 +251,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
             raise ValueError(f"unknown server task {task!r}")
         rt.system.load_trainable_state(from_record(msg.content[ARRAYS_KEY]))
         metrics = evaluate(rt.system, rt.eval, rt.global_store_for_server())
+        release_free_memory()
         return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
     @app.train(mods=train_mods(cfg_json))
@@ -303,6 +305,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
             total_steps=fed.rounds * per_round,
         )
         rt.clients_served.add(pid)
+        release_free_memory()
         trained = faults.corrupt(pid, rt.system.trainable_state(), from_record(received))
         arrays = to_record(trained)
         metrics = MetricRecord(
