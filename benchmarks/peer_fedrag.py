@@ -1151,7 +1151,6 @@ def main() -> None:
             scale_runs.extend(saved["raw_scale"])
             kept["scale"] = saved.get("date")
         kept["earlier_command"] = saved.get("command")
-        kept["earlier_machine"] = saved.get("machine")  # kept cells ran there
 
     cells, verdict, headroom, crossover, md = derive(raw, scale_runs)
     codes = sorted(
