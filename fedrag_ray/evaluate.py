@@ -97,7 +97,7 @@ def label_predictions(
     passages: list[list[str]] | None,
     weights: list[np.ndarray] | None,
     options: list[str],
-    chunk: int = 16,
+    chunk_tokens: int = 1024,
 ) -> list[str]:
     """argmax over options of sum_d w_d P_LM(option | d, q) (REPLUG); closed-book if no
     passages. One forward per (question, passage) prompt: ``Generator.option_logprobs``
@@ -112,9 +112,16 @@ def label_predictions(
             owner.append(qi)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # less padding
     logp = np.zeros((len(prompts), len(options)), dtype=np.float64)
-    for s in range(0, len(order), chunk):
-        idx = order[s : s + chunk]
+    # Batches by token budget (rows x longest prompt), longest prompts first: a forward's
+    # activations and KV cache scale with it, and the speed does not (measured on SmolLM2,
+    # 2 CPU threads: 4 vs 16 prompts of 256 tokens, same seconds, +0.14 vs +0.31 GB peak).
+    lengths = [system.generator.count_tokens(prompts[i]) + reserve for i in order]
+    s = 0
+    while s < len(order):
+        rows = max(1, chunk_tokens // max(1, lengths[s]))
+        idx = order[s : s + rows]
         logp[idx] = system.generator.option_logprobs([prompts[i] for i in idx], options).numpy()
+        s += rows
     owner_arr = np.asarray(owner)
     return [
         _ensemble_argmax(
