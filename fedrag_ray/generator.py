@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from fedrag_ray.config import GeneratorConfig
 from fedrag_ray.models import (  # noqa: F401 - re-exported for existing imports
@@ -392,7 +393,7 @@ class Generator:
             )
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n, V)
         cache = out.cache
-        croppable = all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
+        croppable = all(type(layer) is DynamicLayer for layer in cache.layers)  # exact type
         scores = torch.zeros(n, n_opt)
         for j in range(n_opt):
             opts = [option_ids[i][j] for i in range(n)]

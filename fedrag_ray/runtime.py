@@ -7,10 +7,12 @@ aggregation, checkpoints) never loads a model, and importing torch and transform
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -69,6 +71,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs a subprocess), or
+    None where there is no glibc (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_memory() -> bool:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``); False where
     there is no glibc. After a phase that allocated and freed a lot (index build, an
@@ -76,15 +94,8 @@ def release_free_memory() -> bool:
     actor's resident memory would stay at that phase's high-water mark for the rest of
     the run: measured on an LSR actor with SmolLM2, 1.22 -> 1.02 GB after the first
     evaluation (``benchmarks/peer_fedrag.py`` sums the actors' RSS)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # musl, macOS: no malloc_trim
+    trim = _malloc_trim()
+    if trim is None:
         return False
     trim(0)
     return True
