@@ -119,6 +119,7 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     verbosity = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # per-tensor progress bars and notices
     transformers.logging.disable_progress_bar()
     try:
@@ -145,7 +146,8 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
                 raise
     finally:
         transformers.logging.set_verbosity(verbosity)
-        transformers.logging.enable_progress_bar()
+        if bars:  # re-enabling under HF_HUB_DISABLE_PROGRESS_BARS=1 (actors) warns
+            transformers.logging.enable_progress_bar()
     return out_dir
 
 

@@ -33,6 +33,9 @@ def quiet_env() -> dict[str, str]:
         "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "TRANSFORMERS_VERBOSITY": "error",
+        # tqdm reads it when imported: the one bar the switches above miss is the GGUF
+        # converter's per-tensor bar (plain tqdm) on a fresh machine's first run.
+        "TQDM_DISABLE": "1",
     }
 
 

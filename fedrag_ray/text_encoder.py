@@ -184,7 +184,8 @@ class TextEncoder(torch.nn.Module):
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="encoding", unit="batch")
+            # asked for: overrides the quiet mode's TQDM_DISABLE (runtime.quiet_env)
+            starts = tqdm(starts, desc="encoding", unit="batch", disable=False)
         for s in starts:
             idx = order[s : s + batch_size]
             out[idx] = self.forward([texts[i] for i in idx]).float().cpu().numpy()

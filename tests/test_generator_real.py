@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +279,28 @@ def test_frozen_linears_in_bf16_give_bit_identical_results(pubmedqa_sample):
     assert torch.equal(
         compact.option_logprobs(prompts, answers), plain.option_logprobs(prompts, answers)
     )
+
+
+def test_first_conversion_in_a_quiet_worker_prints_nothing(tmp_path):
+    """A fresh machine converts the GGUF inside a client actor, under the workers' quiet
+    environment: its console must not get the converter's per-tensor bar or a warning
+    (re-enabling bars under HF_HUB_DISABLE_PROGRESS_BARS=1 warns)."""
+    from fedrag_ray.runtime import quiet_env
+
+    out = tmp_path / "converted"
+    code = (
+        "import sys; from pathlib import Path; from fedrag_ray.models import convert_gguf, "
+        "smollm2_gguf; convert_gguf(smollm2_gguf(), Path(sys.argv[1]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FEDRAG_RAY_VERBOSE"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)],
+        env={**env, **quiet_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "model.safetensors").is_file()
+    noise = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert not noise, noise[:5]
