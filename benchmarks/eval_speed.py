@@ -48,14 +48,20 @@ def main() -> None:
     from fedrag_ray.rag import RAGSystem
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = config_from_dict(
-        {
-            "data": {"path": args.data, "max_eval": args.questions},
-            "retriever": {"train": "none"},
-            "generator": {"max_length": args.max_length},
-            "rag": {"top_k": args.top_k},
-        }
-    )
+
+    def make_cfg(autocast: str) -> Any:
+        return config_from_dict(
+            {
+                "data": {"path": args.data, "max_eval": args.questions},
+                "retriever": {"train": "none"},
+                "generator": {"max_length": args.max_length, "autocast": autocast},
+                "rag": {"top_k": args.top_k},
+            }
+        )
+
+    # Two systems, not one with its autocast toggled: by default (bf16 autocast) the
+    # frozen weights are stored in bf16, so a float32 forward needs its own fp32 model.
+    cfg = make_cfg("none")
     data = load_dataset_from_config(cfg.data)
     system = RAGSystem(cfg)
     store = system.build_store(data.passages)
@@ -65,23 +71,31 @@ def main() -> None:
     ctx = [[store.passages[i].text for i in row if i >= 0] for row in idx]
     weights = retrieval_weights(scores, idx, cfg.train.lsr.tau)
     options = cfg.rag.label_options
-    bf16 = system.generator.autocast_dtype
 
     runs: dict[str, Any] = {}
     variants = [
-        ("old", label_predictions_per_sequence, None),
-        ("new_fp32", label_predictions, None),
-        ("new", label_predictions, bf16),
+        ("old", label_predictions_per_sequence, "none"),
+        ("new_fp32", label_predictions, "none"),
+        ("new", label_predictions, "auto"),  # the default
     ]
-    for name, fn, dtype in variants:
-        system.generator.autocast_dtype = dtype
+    for name, fn, autocast in variants:
+        if autocast != system.cfg.generator.autocast:
+            del system
+            system = RAGSystem(make_cfg(autocast))
         t = time.perf_counter()
         preds = fn(system, questions, ctx, weights, options)
         seconds = time.perf_counter() - t
         runs[name] = {
             "seconds": seconds,
             "questions_per_s": len(questions) / seconds,
-            "autocast": str(dtype),
+            "autocast": str(system.generator.autocast_dtype),
+            "frozen_linear_dtype": str(
+                next(
+                    m.weight.dtype
+                    for m in system.generator.model.modules()
+                    if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+                )
+            ),
             "accuracy": float(np.mean([p == e.label for p, e in zip(preds, held, strict=True)])),
             "predictions": preds,
         }
