@@ -13,6 +13,8 @@ import os
 import random
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,9 +77,8 @@ def seed_everything(seed: int) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, looked up once (``find_library`` runs a subprocess), or
-    None where there is no glibc (musl, macOS)."""
+def _libc() -> Any:
+    """The C library, looked up once (``find_library`` runs a subprocess), or None."""
     import ctypes
     import ctypes.util
 
@@ -85,9 +86,14 @@ def _malloc_trim() -> Callable[[int], int] | None:
     if not name:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
         return None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where there is none (musl, macOS)."""
+    return getattr(_libc(), "malloc_trim", None)
 
 
 def release_free_memory() -> bool:
@@ -102,3 +108,44 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def file_mappings(suffix: str) -> list[tuple[int, int]]:
+    """[start, end) address ranges of this process's memory maps of files ending in
+    ``suffix`` (Linux ``/proc/self/maps``; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(suffix):
+            start, end = parts[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def drop_file_pages(address: int, nbytes: int, mappings: list[tuple[int, int]]) -> bool:
+    """Take the whole pages of [address, address + nbytes) out of this process's RSS
+    (``madvise(MADV_DONTNEED)``), only where the range lies inside one of ``mappings``
+    (file maps from ``file_mappings``). A later read faults the *file's* bytes back in, so
+    in a private map (torch maps safetensors copy-on-write) it is only for bytes nothing
+    reads any more: a loaded float32 weight just replaced by its bf16 copy, whose pages
+    would otherwise stay resident until the whole file's map is released, so casting a
+    model would briefly hold both copies."""
+    libc = _libc()
+    madvise = getattr(libc, "madvise", None)
+    if madvise is None or not any(s <= address and address + nbytes <= e for s, e in mappings):
+        return False
+    import ctypes
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-address // page) * page  # inward: never a page shared with a neighbour
+    end = (address + nbytes) // page * page
+    if end <= start:
+        return False
+    return madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0
