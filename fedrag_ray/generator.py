@@ -184,7 +184,8 @@ class Generator:
             source = p.data
             p.data = source.to(self.autocast_dtype)
             lo, hi = source.data_ptr(), source.data_ptr() + source.nbytes
-            if ptrs[lo] == 1 and not any(a < hi and lo < b for a, b in kept):
+            on_cpu = source.device.type == "cpu"  # a host map; not a device pointer
+            if on_cpu and ptrs[lo] == 1 and not any(a < hi and lo < b for a, b in kept):
                 drop_file_pages(lo, source.nbytes, mapped)
             del source
         # The loaded weights are a memory map of the safetensors file: every page read
