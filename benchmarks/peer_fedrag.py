@@ -893,18 +893,11 @@ def plot(cells: dict[str, Any], path: Path) -> None:
 
 def _machine() -> dict[str, Any]:
     import psutil
+    from common import cpu_model
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
+        **cpu_model(),
         "memory_gib": psutil.virtual_memory().total / GIB,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -1143,14 +1136,23 @@ def main() -> None:
     saved_path = args.out / "peer_fedrag.json"
     if args.merge and saved_path.exists():  # cells not run here stay as measured before
         saved = json.loads(saved_path.read_text())
+        # Where each kept cell was measured: carried through chained merges, else the
+        # saved run itself (a cell kept twice must not take the later run's date/machine).
+        earlier = saved.get("kept_from_earlier_run", {})
+        here = {
+            "date": saved.get("date"),
+            "machine": saved.get("machine"),
+            "command": saved.get("command"),
+        }
         for cell, runs in saved.get("raw", {}).items():
             if cell not in raw:
                 raw[cell] = runs
-                kept[cell] = saved.get("date")
+                prev = earlier.get(cell)
+                kept[cell] = prev if isinstance(prev, dict) else here
         if not scale_runs and saved.get("raw_scale"):
             scale_runs.extend(saved["raw_scale"])
-            kept["scale"] = saved.get("date")
-        kept["earlier_command"] = saved.get("command")
+            prev = earlier.get("scale")
+            kept["scale"] = prev if isinstance(prev, dict) else here
 
     cells, verdict, headroom, crossover, md = derive(raw, scale_runs)
     codes = sorted(
