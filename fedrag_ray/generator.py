@@ -166,17 +166,24 @@ class Generator:
         0.54 GB per process; an LSR actor's teacher or a RALT actor's frozen base."""
         if not linears:
             return
-        cast = [
-            p for m in linears for p in (m.weight, m.bias) if p is not None and not p.requires_grad
-        ]
+        # by id: a Linear shared by two modules is cast (and its size recorded) once
+        cast = list(
+            {
+                id(p): p
+                for m in linears
+                for p in (m.weight, m.bias)
+                if p is not None and not p.requires_grad
+            }.values()
+        )
         # A cast weight's float32 pages stay resident until the whole map goes (SmolLM2's
         # load peaked at both copies: 1.29 GB vs 0.78 after). They are dropped one weight
         # at a time, unless another tensor shares the bytes (it still reads them).
         mapped = file_mappings(".safetensors")
         cast_ids = {id(p) for p in cast}
-        tensors = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
         kept = [
-            (t.data_ptr(), t.data_ptr() + t.nbytes) for i, t in tensors.items() if i not in cast_ids
+            (t.data_ptr(), t.data_ptr() + t.nbytes)
+            for t in [*self.model.parameters(), *self.model.buffers()]
+            if id(t) not in cast_ids
         ]
         ptrs = Counter(p.data_ptr() for p in cast)
         for p in cast:

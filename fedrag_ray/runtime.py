@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +90,6 @@ def _libc() -> Any:
         return None
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where there is none (musl, macOS)."""
-    return getattr(_libc(), "malloc_trim", None)
-
-
 def release_free_memory() -> bool:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``); False where
     there is no glibc. After a phase that allocated and freed a lot (index build, an
@@ -103,7 +97,7 @@ def release_free_memory() -> bool:
     actor's resident memory would stay at that phase's high-water mark for the rest of
     the run: measured on an LSR actor with SmolLM2, 1.22 -> 1.02 GB after the first
     evaluation (``benchmarks/peer_fedrag.py`` sums the actors' RSS)."""
-    trim = _malloc_trim()
+    trim = getattr(_libc(), "malloc_trim", None)  # None: musl, macOS
     if trim is None:
         return False
     trim(0)
