@@ -89,6 +89,9 @@ class GeneratorConfig(_Strict):
     ``chat_template``: wrap prompts in the tokenizer's chat template when it has one.
     ``frozen_in_compute_dtype``: with bf16 autocast, keep the frozen base's ``Linear``
     weights in bf16 (bit-identical results, half their memory; see ``Generator._compact``).
+    ``share_frozen_weights``: the frozen CPU weights are mapped from one cache file that
+    every actor of a node shares, instead of a private copy per actor
+    (``fedrag_ray.shared_weights``; bit-identical results).
     """
 
     model: str = "default"
@@ -100,6 +103,7 @@ class GeneratorConfig(_Strict):
     autocast: Literal["auto", "bfloat16", "none"] = "auto"
     chat_template: bool = True
     frozen_in_compute_dtype: bool = True
+    share_frozen_weights: bool = True
 
     @model_validator(mode="after")
     def _no_float16(self) -> GeneratorConfig:

@@ -40,6 +40,7 @@ from fedrag_ray.models import (  # noqa: F401 - re-exported for existing imports
     resolve_generator_path,
 )
 from fedrag_ray.runtime import drop_file_pages, file_mappings
+from fedrag_ray.shared_weights import share_frozen_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -132,6 +133,16 @@ class Generator:
         self._compacted: dict[int, int] = {}
         if cfg.frozen_in_compute_dtype:
             self._compact(frozen_linears)
+        # Where the frozen weights' memory comes from: one file per node mapped by every
+        # actor (shared_weights), or, after compaction, private copies that release the
+        # loaded file's map. Device memory and quantized bases are not shared.
+        self.shared_weights_file: Path | None = None
+        if cfg.share_frozen_weights and cfg.quantization == "none":
+            self.shared_weights_file = share_frozen_weights(
+                self.model, cache_dir() / "shared-weights"
+            )
+        if self.shared_weights_file is None and self._compacted:
+            self._copy_out_of_load_map()
         self.use_chat_template = bool(cfg.chat_template and self.tokenizer.chat_template)
         self.eos_id = self.tokenizer.eos_token_id
         if self.eos_id is None:
@@ -195,10 +206,14 @@ class Generator:
             if on_cpu and ptrs[lo] == 1 and not any(a < hi and lo < b for a, b in kept):
                 drop_file_pages(lo, source.nbytes, mapped)
             del source
-        # The loaded weights are a memory map of the safetensors file: every page read
-        # stays in this process's RSS while any tensor still uses the map. Copying out the
-        # frozen tensors left as they were (embeddings, norms) releases it (measured: 0.97
-        # -> 0.68 GB RSS for SmolLM2 alone; without the copy compaction cost memory).
+
+    def _copy_out_of_load_map(self) -> None:
+        """The loaded weights are a memory map of the safetensors file: every page read
+        stays in this process's RSS while any tensor still uses the map. Copying out the
+        frozen tensors compaction left as they were (embeddings, norms) releases it
+        (measured: 0.97 -> 0.68 GB RSS for SmolLM2 alone; without it compaction cost
+        memory). Not needed when the frozen weights are shared: they then map their own
+        file."""
         seen: set[int] = set()
         for t in [*self.model.parameters(), *self.model.buffers()]:
             if id(t) in seen or id(t) in self._compacted or t.requires_grad:

@@ -213,12 +213,12 @@ def test_generator_and_retriever_move_to_cuda(retriever):
     assert isinstance(q, np.ndarray)
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process's memory maps of ``.safetensors`` files."""
+def _file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of files ending in ``suffix``."""
     out = []
     for line in Path("/proc/self/maps").read_text().splitlines():
         fields = line.split()
-        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+        if len(fields) >= 6 and fields[5].endswith(suffix):
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             out.append((lo, hi))
     return out
@@ -230,7 +230,12 @@ def test_frozen_linears_in_bf16_give_bit_identical_results(pubmedqa_sample):
     them on every call), take ~0.2 GB less, and the tied LM head / embeddings stay fp32."""
     gens = {
         flag: Generator(
-            GeneratorConfig(max_length=160, autocast="bfloat16", frozen_in_compute_dtype=flag),
+            GeneratorConfig(
+                max_length=160,
+                autocast="bfloat16",
+                frozen_in_compute_dtype=flag,
+                share_frozen_weights=False,  # compaction alone; sharing: the next test
+            ),
             seed=0,
         )
         for flag in (True, False)
@@ -279,6 +284,56 @@ def test_frozen_linears_in_bf16_give_bit_identical_results(pubmedqa_sample):
     assert torch.equal(
         compact.option_logprobs(prompts, answers), plain.option_logprobs(prompts, answers)
     )
+
+
+def test_shared_frozen_weights_give_bit_identical_results(pubmedqa_sample):
+    """SmolLM2's frozen weights mapped from the node's shared file: every frozen parameter
+    lives in that file (none in the converted model's map, none private), the LoRA factors
+    stay private, and loss, LoRA gradients and option scores equal a private copy's."""
+    gens = {
+        flag: Generator(
+            GeneratorConfig(max_length=160, autocast="bfloat16", share_frozen_weights=flag),
+            seed=0,
+        )
+        for flag in (True, False)
+    }
+    shared, private = gens[True], gens[False]
+    assert private.shared_weights_file is None
+    path = shared.shared_weights_file
+    assert path is not None and path.parent.name == "shared-weights"
+    in_file = _file_mappings(path.name)
+
+    def in_map(p: torch.Tensor) -> bool:
+        return any(lo <= p.data_ptr() < hi for lo, hi in in_file)
+
+    frozen = [p for p in shared.model.parameters() if not p.requires_grad]
+    trainable = [p for p in shared.model.parameters() if p.requires_grad]
+    assert frozen and trainable
+    assert all(in_map(p) for p in frozen)
+    assert not any(in_map(p) for p in trainable)
+    frozen_bytes = sum(p.numel() * p.element_size() for p in frozen)
+    assert 0 <= path.stat().st_size - frozen_bytes < 1e6  # the weights and a JSON header
+    assert shared.weight_bytes() == private.weight_bytes()
+    # a second generator maps the same file instead of writing another
+    again = Generator(GeneratorConfig(max_length=160, autocast="bfloat16"), seed=1)
+    assert again.shared_weights_file == path
+
+    prompts = _prompts(shared, pubmedqa_sample)
+    answers = ["yes", "no", "maybe"]
+    out = {}
+    for flag, g in gens.items():
+        g.model.train()
+        g.model.zero_grad()
+        loss = g.loss(prompts, answers)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in g.model.named_parameters() if p.grad is not None}
+        g.model.eval()
+        out[flag] = (loss.detach(), grads, g.option_logprobs(prompts, answers))
+    assert torch.equal(out[True][0], out[False][0])
+    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
+    for name, grad in out[True][1].items():
+        assert torch.equal(grad, out[False][1][name]), name
+    assert torch.equal(out[True][2], out[False][2])
 
 
 def test_first_conversion_in_a_quiet_worker_prints_nothing(tmp_path):
