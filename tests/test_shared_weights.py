@@ -74,7 +74,9 @@ def test_a_damaged_file_is_rewritten_and_writes_stay_private(tmp_path):
     path.write_bytes(path.read_bytes()[:100])  # truncated by someone else
     m = _model(0)
     assert share_frozen_weights(m, tmp_path) == path
-    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), _model(0).parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.parameters(), _model(0).parameters(), strict=True)
+    )
     with torch.no_grad():
         m[0].weight.add_(1.0)  # e.g. merging LoRA for export: copy-on-write
     fresh = _model(0)
@@ -121,8 +123,11 @@ def test_two_processes_share_one_copy(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env,
+            [sys.executable, "-c", script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for _ in range(2)
     ]
