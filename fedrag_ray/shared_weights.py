@@ -16,14 +16,13 @@ actors write it once and never read a half-written file.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fedrag_ray.atomic import atomic_write_bytes
 
 FORMAT_VERSION = "1"
 
@@ -55,20 +54,9 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users' actors
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}))
 
 
 def _load_mapped(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -101,11 +89,11 @@ def share_frozen_weights(module: torch.nn.Module, directory: str | Path) -> Path
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{digest(tensors)}.safetensors"
-    mapped = _load_mapped(path, tensors) if path.exists() else None
+    mapped = _load_mapped(path, tensors)  # None when missing or damaged
     if mapped is None:
         with open(directory / f".{path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another actor may be writing it right now
-            mapped = _load_mapped(path, tensors) if path.exists() else None
+            mapped = _load_mapped(path, tensors)
             if mapped is None:
                 _write(path, tensors)
                 mapped = _load_mapped(path, tensors)
