@@ -274,8 +274,11 @@ def write_sentence_transformer(encoder: Any, out: Path) -> None:
     """A sentence-transformers directory computing exactly ``encoder``'s embeddings:
     the HF encoder (any LoRA merged into a copy), its pooling, Dense layers, Normalize.
     Legacy pooling keys, which every sentence-transformers version reads."""
-    from peft import PeftModel
     from safetensors.torch import save_file
+
+    from fedrag_ray.peft_import import import_peft
+
+    PeftModel = import_peft().PeftModel
 
     out.mkdir(parents=True, exist_ok=True)
     model = encoder.model

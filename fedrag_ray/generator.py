@@ -39,6 +39,7 @@ from fedrag_ray.models import (  # noqa: F401 - re-exported for existing imports
     minilm_path,
     resolve_generator_path,
 )
+from fedrag_ray.peft_import import import_peft
 from fedrag_ray.runtime import drop_file_pages, file_mappings
 from fedrag_ray.shared_weights import share_frozen_weights
 
@@ -85,8 +86,10 @@ class Generator:
         self, cfg: GeneratorConfig, seed: int = 0, device: str | torch.device = "auto"
     ) -> None:
         import transformers
-        from peft import LoraConfig, get_peft_model
 
+        # bitsandbytes only for a quantized base: every actor would pay ~45 MiB for it
+        peft = import_peft(quantized=cfg.quantization != "none")
+        LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
         self.cfg = cfg
         self.device_ = device if isinstance(device, torch.device) else resolve_device(device)
         self.autocast_dtype = compute_dtype(cfg, self.device_)

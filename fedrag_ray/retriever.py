@@ -55,8 +55,10 @@ class BiEncoderRetriever:
             # add bytes to every federated message.
             p.requires_grad_(cfg.train == "full" and ".pooler." not in name)
         if cfg.train == "lora":
-            from peft import LoraConfig, get_peft_model
+            from fedrag_ray.peft_import import import_peft
 
+            peft = import_peft()
+            LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
             torch.manual_seed(seed)
             self.query_encoder.model = get_peft_model(
                 self.query_encoder.model,

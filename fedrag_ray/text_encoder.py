@@ -198,8 +198,9 @@ class TextEncoder(torch.nn.Module):
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
         """The base model's outputs while a LoRA adapter is attached (peft)."""
-        from peft import PeftModel
+        from fedrag_ray.peft_import import import_peft
 
+        PeftModel = import_peft().PeftModel
         peft_model = isinstance(self.model, PeftModel)
         with self.model.disable_adapter() if peft_model else contextlib.nullcontext():
             yield
