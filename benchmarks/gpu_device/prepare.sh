@@ -15,5 +15,4 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   bitsandbytes==0.50.2 transformers==5.25.0 peft==0.21.2 huggingface_hub==2.4.0
 src=$(.venv/bin/python -c "from fedrag_ray.config import GeneratorConfig as G; from fedrag_ray.models import resolve_generator_path as r; c = G(); print(r(c.model, c.tiny_spec, 0))")
 cp "$src"/{config.json,tokenizer.json,tokenizer_config.json,generation_config.json,chat_template.jinja} .devrun/smollm2/
-cp benchmarks/gpu_device/random_smollm2.py .devrun/
 du -sh .devrun
