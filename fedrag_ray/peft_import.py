@@ -39,11 +39,6 @@ def import_peft(quantized: bool = False) -> ModuleType:
     return peft
 
 
-def bitsandbytes_loaded() -> bool:
-    """Whether this process has imported bitsandbytes (tests, memory reports)."""
-    return sys.modules.get(_BNB) is not None
-
-
 def _make_peft_see(bnb: ModuleType) -> None:
     """Undo a hidden import: peft caches bitsandbytes' availability with ``lru_cache`` and
     ``peft.helpers`` binds the module (or None) at import."""
