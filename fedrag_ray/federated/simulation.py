@@ -32,6 +32,7 @@ from fedrag_ray.data import RagDataset, load_dataset_from_config
 from fedrag_ray.federated.client_app import global_store_path, make_client_app, store_dir
 from fedrag_ray.federated.knowledge import public_store_path
 from fedrag_ray.federated.ray_backend import SimulationNodes, fedrag_backend
+from fedrag_ray.federated.ray_head import lean_local_head
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
 from fedrag_ray.federated.sampling import client_partitions
 from fedrag_ray.federated.server_app import (
@@ -149,7 +150,11 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
         # Ray's notice that it may stop hiding GPUs from num_gpus=0 actors; it still does,
         # which is what keeps CPU-only actors off a GPU.
         warnings.filterwarnings("ignore", message=".*accelerator visible devices.*")
-        ray.init(**kwargs)
+        if address:
+            ray.init(**kwargs)
+        else:
+            with lean_local_head():  # no autoscaler monitor, no dashboard API server
+                ray.init(**kwargs)
     return True
 
 
