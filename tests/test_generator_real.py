@@ -34,6 +34,26 @@ def _prompts(gen: Generator, sample, n: int = 3) -> list[str]:
     ]
 
 
+def _assert_same_training_signal(a: Generator, b: Generator, prompts: list[str]) -> None:
+    """Loss, every gradient and the option scores of two generators are bit-identical."""
+    answers = ["yes", "no", "maybe"]
+    out = []
+    for g in (a, b):
+        g.model.train()
+        g.model.zero_grad()
+        loss = g.loss(prompts, answers)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in g.model.named_parameters() if p.grad is not None}
+        g.model.eval()
+        out.append((loss.detach(), grads, g.option_logprobs(prompts, answers)))
+    (loss_a, grads_a, scores_a), (loss_b, grads_b, scores_b) = out
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name, grad in grads_a.items():
+        assert torch.equal(grad, grads_b[name]), name
+    assert torch.equal(scores_a, scores_b)
+
+
 def test_gguf_conversion_round_trip_gives_the_gguf_logits(smollm2, fedrag_cache):
     from transformers import AutoModelForCausalLM
 
@@ -264,26 +284,7 @@ def test_frozen_linears_in_bf16_give_bit_identical_results(pubmedqa_sample):
     assert in_map(compact) == 0
     assert compact.weight_bytes() == plain.weight_bytes() == nbytes(plain)
 
-    prompts = _prompts(compact, pubmedqa_sample)
-    answers = ["yes", "no", "maybe"]
-    grads = {}
-    for flag, g in gens.items():
-        g.model.train()
-        g.model.zero_grad()
-        loss = g.loss(prompts, answers)
-        loss.backward()
-        grads[flag] = (
-            loss.detach(),
-            {n: p.grad.clone() for n, p in g.model.named_parameters() if p.grad is not None},
-        )
-        g.model.eval()
-    assert torch.equal(grads[True][0], grads[False][0])
-    assert grads[True][1].keys() == grads[False][1].keys() and grads[True][1]
-    for name, grad in grads[True][1].items():
-        assert torch.equal(grad, grads[False][1][name]), name
-    assert torch.equal(
-        compact.option_logprobs(prompts, answers), plain.option_logprobs(prompts, answers)
-    )
+    _assert_same_training_signal(compact, plain, _prompts(compact, pubmedqa_sample))
 
 
 def test_shared_frozen_weights_give_bit_identical_results(pubmedqa_sample):
@@ -318,22 +319,7 @@ def test_shared_frozen_weights_give_bit_identical_results(pubmedqa_sample):
     again = Generator(GeneratorConfig(max_length=160, autocast="bfloat16"), seed=1)
     assert again.shared_weights_file == path
 
-    prompts = _prompts(shared, pubmedqa_sample)
-    answers = ["yes", "no", "maybe"]
-    out = {}
-    for flag, g in gens.items():
-        g.model.train()
-        g.model.zero_grad()
-        loss = g.loss(prompts, answers)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in g.model.named_parameters() if p.grad is not None}
-        g.model.eval()
-        out[flag] = (loss.detach(), grads, g.option_logprobs(prompts, answers))
-    assert torch.equal(out[True][0], out[False][0])
-    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
-    for name, grad in out[True][1].items():
-        assert torch.equal(grad, out[False][1][name]), name
-    assert torch.equal(out[True][2], out[False][2])
+    _assert_same_training_signal(shared, private, _prompts(shared, pubmedqa_sample))
 
 
 def test_first_conversion_in_a_quiet_worker_prints_nothing(tmp_path):
