@@ -312,7 +312,9 @@ def test_lsr_masks_ann_misses(make_system, examples, retriever, small_store):
             for b in range(4)
         ]
     ).mean()
-    assert torch.isfinite(loss) and float(loss) == pytest.approx(float(hand), rel=1e-5, abs=1e-7)
+    assert torch.isfinite(loss) and float(loss.detach()) == pytest.approx(
+        float(hand), rel=1e-5, abs=1e-7
+    )
     loss.backward()
     grads = [p.grad for p in system.retriever.query_encoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
