@@ -35,7 +35,6 @@ out = {
     "api_server": any("dashboard/dashboard.py" in c for c in tree),
     "log_monitor": any("_private/log_monitor.py" in c for c in tree),
     "restored": all(vars(node.Node)[m] is f for m, f in stock.items()),
-    "rss_mib": sum(p.memory_info().rss for p in psutil.Process().children(recursive=True)) / 2**20,
 }
 ray.shutdown()
 print("RESULT " + json.dumps(out), flush=True)
