@@ -20,8 +20,13 @@ import numpy as np
 VERBOSE_ENV = "FEDRAG_RAY_VERBOSE"  # forwarded to Ray actors with the other FEDRAG_RAY_*
 
 
+def env_flag(name: str) -> bool:
+    """A FEDRAG_RAY_* switch: on unless unset, empty, ``0`` or ``false``."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false")
+
+
 def verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+    return env_flag(VERBOSE_ENV)
 
 
 def quiet_env() -> dict[str, str]:

@@ -11,13 +11,16 @@ import sys
 
 import pytest
 
+from fedrag_ray.federated.ray_head import FULL_HEAD_ENV
+
 START_LOCAL_RAY = """
 import json, os, time
 import psutil, ray
 from ray._private import node
+from fedrag_ray.federated.ray_head import SKIPPED_METHODS
 from fedrag_ray.federated.simulation import _init_ray
 
-stock = {m: vars(node.Node)[m] for m in ("start_monitor", "start_api_server")}
+stock = {m: vars(node.Node)[m] for m in SKIPPED_METHODS}
 assert _init_ray(None, 1)
 
 @ray.remote(num_cpus=1)
@@ -42,9 +45,9 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 def _start(full_head: bool) -> tuple[dict, str]:
-    env = {k: v for k, v in os.environ.items() if k != "FEDRAG_RAY_FULL_RAY_HEAD"}
+    env = {k: v for k, v in os.environ.items() if k != FULL_HEAD_ENV}
     if full_head:
-        env["FEDRAG_RAY_FULL_RAY_HEAD"] = "1"
+        env[FULL_HEAD_ENV] = "1"
     proc = subprocess.run(
         [sys.executable, "-c", START_LOCAL_RAY],
         capture_output=True,

@@ -17,31 +17,28 @@ never touched. ``FEDRAG_RAY_FULL_RAY_HEAD=1`` starts the stock head (e.g. to use
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
+
+from fedrag_ray.runtime import env_flag
 
 FULL_HEAD_ENV = "FEDRAG_RAY_FULL_RAY_HEAD"
 SKIPPED_METHODS = ("start_monitor", "start_api_server")  # ray._private.node.Node
 
 
-def wants_full_head() -> bool:
-    return os.environ.get(FULL_HEAD_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
 @contextlib.contextmanager
-def lean_local_head() -> Iterator[bool]:
-    """Wrap the ``ray.init`` that starts a local head; yields whether the two daemons are
-    skipped (False when opted out or when this Ray's ``Node`` lacks the methods)."""
+def lean_local_head() -> Iterator[None]:
+    """Wrap the ``ray.init`` that starts a local head. A no-op when opted out or when this
+    Ray's ``Node`` lacks the methods (``tests/test_ray_head.py`` then fails)."""
     from ray._private import node
 
-    if wants_full_head() or not all(m in vars(node.Node) for m in SKIPPED_METHODS):
-        yield False
+    if env_flag(FULL_HEAD_ENV) or not all(m in vars(node.Node) for m in SKIPPED_METHODS):
+        yield
         return
     saved = {m: vars(node.Node)[m] for m in SKIPPED_METHODS}
     try:
         for m in SKIPPED_METHODS:
             setattr(node.Node, m, _skip)
-        yield True
+        yield
     finally:
         for m, fn in saved.items():
             setattr(node.Node, m, fn)
