@@ -2,9 +2,9 @@
 
     from common import RESULTS, machine_info, write_result
 
-A result JSON carries the benchmark name, UTC date, the exact command, the machine
-(CPUs, load average at start, platform, GPU if any) and the library versions, so a
-figure quoted in the README can be traced to its run.
+A result JSON carries the benchmark name, UTC date, the exact command, the commit, the
+machine (CPUs, load average at start, platform, GPU if any) and the library versions, so
+a figure quoted in the README can be traced to its run.
 """
 
 from __future__ import annotations
@@ -80,6 +80,22 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def git_commit() -> str | None:
+    """HEAD of this checkout, with ``+dirty`` when tracked files differ from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def write_result(name: str, payload: dict[str, Any], out_dir: Path = RESULTS) -> Path:
     """``out_dir/name.json`` with the provenance fields first."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +103,7 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path = RESULTS) ->
         "benchmark": name,
         "date": now(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": git_commit(),
         "machine": machine_info(),
         "versions": versions(),
         **payload,

@@ -3,11 +3,12 @@
     python benchmarks/lsr_context_lm.py [--out benchmarks/results] [--lsr-steps 120]
 
 Why this exists: on PubMedQA (``quality_pubmedqa.py``) recall@1 of the gold abstract is
-already 0.99 before any training (the questions are the papers' titles), and the only
-generator that runs offline here is untrained, so its p_LM(answer | passage, question) —
-LSR's teacher — is noise. Neither says whether fedrag_ray's LSR moves the retriever the
-right way. This benchmark builds the one thing missing, an LM that reads its context, on
-a task with room to improve, and measures LSR on questions no training step touches.
+already 0.99 before any training (the questions are the papers' titles), and a 135M
+generator scoring a one-word yes/no answer gives LSR's teacher, p_LM(answer | passage,
+question), little to tell the passages apart by. Neither says whether fedrag_ray's LSR
+moves the retriever the right way. This benchmark builds the one thing missing, an LM
+that reads its context, on a task with room to improve, and measures LSR on questions no
+training step touches.
 
 The task (synthetic, seeded, generated here; no data files): 240 made-up people, each
 with 8 one-sentence passages that all name the person — one says which word they chose
@@ -30,17 +31,18 @@ their passages are in the index).
 3. The same LSR run with the *untrained* generator as teacher (what PubMedQA had).
 4. The same LSR run federated (4 clients, IID, FedAvg) at equal total local steps.
 
+Steps 2 and 3 run with both teacher targets: the default ``posterior`` (p_R · P(a|q,d))
+and REPLUG's ``lm`` (``*_replug`` rows), so a change of default is checked against an
+informative and an uninformative teacher in one run.
+
 Writes OUT/lsr_context_lm.json and OUT/lsr_context_lm.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import numpy as np  # noqa: E402
+from common import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PEOPLE, N_TRAIN_PEOPLE = 240, 160
@@ -258,10 +261,6 @@ def main() -> None:
     base = RAGSystem(cfg)
     store = base.build_store(data.passages)
     result: dict[str, Any] = {
-        "benchmark": "lsr_context_lm",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "task": {
             "people": N_PEOPLE,
             "train_people": N_TRAIN_PEOPLE,
@@ -313,8 +312,13 @@ def main() -> None:
         }
         print(name, json.dumps(result["runs"][name]), flush=True)
 
+    replug = {"train.lsr.target": "lm"}
     central("central_lsr_context_lm", cfg_ctx)
+    central("central_lsr_context_lm_replug", config_from_dict(apply_overrides(raw_ctx, replug)))
     central("central_lsr_untrained_lm", cfg)
+    central(
+        "central_lsr_untrained_lm_replug", config_from_dict(apply_overrides(raw_untrained, replug))
+    )
     clients, rounds = 4, 4
     t = time.perf_counter()
     fed = run_federated(
@@ -334,8 +338,7 @@ def main() -> None:
     }
     print("federated", json.dumps(result["runs"][f"fed{clients}_iid_lsr_context_lm"]), flush=True)
     result["total_seconds"] = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lsr_context_lm.json").write_text(json.dumps(result, indent=2))
+    write_result("lsr_context_lm", result, out)
     plot(result, out / "lsr_context_lm.png")
     print(markdown(result))
 

@@ -5,8 +5,9 @@
   counts the answer tokens only.
 - LSR (LM-supervised retrieval, REPLUG / RA-DIT §2.4): minimise
   KL(p_LM(d|q,a) || p_R(d|q)) over the top-k, where p_R = softmax(sim(q,d)/tau) carries a
-  gradient into the query encoder and p_LM = softmax(log P_LM(a|d,q)/beta) is a fixed
-  target (no gradient).
+  gradient into the query encoder and p_LM is a fixed target (no gradient): by default
+  the posterior p_R(d|q)·P_LM(a|d,q)^(1/beta), or REPLUG's softmax(log P_LM(a|d,q)/beta)
+  with ``lsr.target: lm`` (see ``LsrConfig``).
 
 ``local_train`` is the one training loop: the centralized run calls it once per epoch and
 a federated client calls it once per round, so both execute the same step functions.
@@ -46,8 +47,8 @@ def lsr_distributions(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p_R with grad, log p_LM without grad, valid), all shaped (batch, k).
 
-    p_LM is the teacher: REPLUG's softmax(log P(a|q,d)/β), or with ``lsr.target:
-    posterior`` that times the detached p_R (see ``LsrConfig``).
+    p_LM is the teacher: by default the posterior, REPLUG's softmax(log P(a|q,d)/β) times
+    the detached p_R; with ``lsr.target: lm`` REPLUG's alone (see ``LsrConfig``).
 
     ANN indexes may return fewer than k hits (index -1): those entries are masked out of
     both distributions (log-prob -inf, ``valid`` False) instead of crashing or scoring

@@ -72,7 +72,7 @@ def _system() -> RAGSystem:
                 "method": "lsr",
                 "batch_size": 8,
                 "retriever_lr": 1e-3,
-                "lsr": {"k": 6, "tau": 0.05},
+                "lsr": {"k": 6, "tau": 0.05, "target": "lm"},
             },
         }
     )

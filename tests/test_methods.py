@@ -37,7 +37,9 @@ def examples(small_corpus):
 
 
 def test_lsr_distributions_and_kl_by_hand(make_system, examples, small_store):
-    system = make_system(**{"train.method": "lsr", "train.lsr.k": 4, "train.lsr.tau": 0.1})
+    system = make_system(
+        **{"train.method": "lsr", "train.lsr.k": 4, "train.lsr.tau": 0.1, "train.lsr.target": "lm"}
+    )
     batch = examples[:3]
     torch.manual_seed(0)  # same dropout mask in both calls below
     log_p_r, log_p_lm, valid = lsr_distributions(system, batch, small_store)
@@ -93,7 +95,7 @@ def lsr_run(retriever, generator, small_store, examples):
                 "method": "lsr",
                 "batch_size": 4,
                 "retriever_lr": 1e-4,
-                "lsr": {"k": 4},
+                "lsr": {"k": 4, "target": "lm"},
             },
         }
     )
@@ -262,7 +264,7 @@ def test_lsr_posterior_target_multiplies_in_the_retriever(make_system, examples,
     """``lsr.target: posterior`` is p_R(d|q)·P(a|q,d)^(1/β) renormalised; a teacher that
     cannot tell the passages apart (β huge) then gives KL ≈ 0, where REPLUG's target pulls
     the retriever toward uniform."""
-    system = make_system(**{"train.method": "lsr", "train.lsr.k": 4})
+    system = make_system(**{"train.method": "lsr", "train.lsr.k": 4, "train.lsr.target": "lm"})
     batch = examples[:3]
     torch.manual_seed(0)
     log_p_r, log_p_lm, _ = lsr_distributions(system, batch, small_store)
