@@ -81,7 +81,8 @@ def now() -> str:
 
 
 def git_commit() -> str | None:
-    """HEAD of this checkout, with ``+dirty`` when tracked files differ from it."""
+    """HEAD of this checkout, with ``+dirty`` when tracked code differs from it (results
+    the benchmarks write themselves and Markdown do not count)."""
     import subprocess
 
     def git(*args: str) -> str:
@@ -91,7 +92,16 @@ def git_commit() -> str | None:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        changed = git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)benchmarks/results",
+            ":(exclude)*.md",
+        )
+        return head + ("+dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 

@@ -178,7 +178,8 @@ class LsrConfig(_Strict):
     small LM scoring a one-word yes/no answer) makes REPLUG's target near-uniform, and the
     KL then flattens a good retriever toward it: on PubMedQA with SmolLM2 as teacher,
     recall@5 fell 0.99 -> 0.82 with ``lm`` and stayed 0.99 with ``posterior``. With an
-    informative teacher both follow it (``benchmarks/lsr_context_lm.py``)."""
+    informative teacher both follow it, and a systematically wrong one drags both
+    (``benchmarks/lsr_context_lm.py``): the prior slows the teacher, it cannot vet it."""
 
     tau: float = Field(0.1, gt=0.0)
     beta: float = Field(1.0, gt=0.0)

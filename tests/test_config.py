@@ -64,6 +64,7 @@ def test_valid_yaml_loads_typed_values(tmp_path):
     assert cfg.train.lsr.tau == pytest.approx(0.05) and cfg.train.lsr.k == 4
     # untouched sections keep their defaults
     assert cfg.train.lsr.beta == 1.0 and cfg.rag.top_k == 5
+    assert cfg.train.lsr.target == "posterior"  # not REPLUG's uniform prior: see LsrConfig
     assert isinstance(cfg.federation, FederationConfig)
     assert cfg.federation.sampled == 2
     assert cfg.federation.strategy.name == "fedprox"
