@@ -234,6 +234,9 @@ def serving(store_path: str | Path, num_cpus: float = 0.0) -> Iterator[ServedSto
     none is running, and stopping what was started here."""
     started = not ray.is_initialized()
     if started:
+        from fedrag_ray.federated.ray_head import workers_at_driver_niceness
+
+        workers_at_driver_niceness()
         ray.init(include_dashboard=False, log_to_driver=False)
     store, _ = start(store_path, num_cpus)
     try:

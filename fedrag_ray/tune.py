@@ -235,6 +235,10 @@ def run_sweep(
 
     started = False
     if not ray.is_initialized():
+        if not address:
+            from fedrag_ray.federated.ray_head import workers_at_driver_niceness
+
+            workers_at_driver_niceness()
         ray.init(
             address=address,
             num_cpus=None if address else (num_cpus or os.cpu_count()),

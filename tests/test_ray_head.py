@@ -29,11 +29,18 @@ class Echo:
         print("ECHO-FROM-ACTOR", flush=True)
         return os.getpid()
 
-actor_pid = ray.get(Echo.remote().hello.remote())
+    def niceness(self):
+        return os.nice(0)
+
+echo = Echo.remote()
+actor_pid = ray.get(echo.hello.remote())
+actor_nice = ray.get(echo.niceness.remote())
 time.sleep(2.0)  # the log monitor forwards actor output about once a second
 tree = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
 out = {
     "actor_pid": actor_pid,
+    "actor_nice": actor_nice,
+    "driver_nice": os.nice(0),
     "monitor": any("autoscaler/_private/monitor.py" in c for c in tree),
     "api_server": any("dashboard/dashboard.py" in c for c in tree),
     "log_monitor": any("_private/log_monitor.py" in c for c in tree),
@@ -44,12 +51,12 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def _start(full_head: bool) -> tuple[dict, str]:
-    env = {k: v for k, v in os.environ.items() if k != FULL_HEAD_ENV}
+def _start(full_head: bool, niceness: int = 0) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (FULL_HEAD_ENV, "RAY_worker_niceness")}
     if full_head:
         env[FULL_HEAD_ENV] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", START_LOCAL_RAY],
+        ["nice", "-n", str(niceness), sys.executable, "-c", START_LOCAL_RAY],
         capture_output=True,
         text=True,
         timeout=180,
@@ -70,3 +77,13 @@ def test_local_head_daemons(full_head: bool) -> None:
     # The stock head is the control: it shows that the test sees both daemons.
     assert out["monitor"] is full_head
     assert out["api_server"] is full_head
+
+
+def test_actors_run_at_the_drivers_niceness() -> None:
+    """Ray starts workers at nice 15 by default, so any normal-priority load beside a run
+    starves its client actors (they do all the compute). An embedded head must start them
+    at the driver's own niceness: here the driver runs at nice 3, so the stock default (15)
+    and a fixed 0 both fail."""
+    out, _ = _start(full_head=False, niceness=3)
+    assert out["driver_nice"] == 3
+    assert out["actor_nice"] == 3

@@ -22,7 +22,21 @@ from collections.abc import Iterator
 from fedrag_ray.runtime import env_flag
 
 FULL_HEAD_ENV = "FEDRAG_RAY_FULL_RAY_HEAD"
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet a local ray.init starts
 SKIPPED_METHODS = ("start_monitor", "start_api_server")  # ray._private.node.Node
+
+
+def workers_at_driver_niceness() -> None:
+    """Make the workers of a Ray head started by this process run at this process's own
+    niceness instead of Ray's default 15. The client actors do all of a run's compute; at
+    nice 15 any normal-priority process beside them (another job, a test, an editor's
+    indexer) takes nearly all the CPU and a run looks hung. An explicit
+    ``RAY_worker_niceness`` in the environment wins. The raylet applies it as an
+    *increment* to the niceness it inherited from this process, so 0 means "the same as
+    the driver". Clusters set it on ``ray start`` (``clusters/README.md``)."""
+    import os
+
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from fedrag_ray.data import RagDataset, load_dataset_from_config
 from fedrag_ray.federated.client_app import global_store_path, make_client_app, store_dir
 from fedrag_ray.federated.knowledge import public_store_path
 from fedrag_ray.federated.ray_backend import SimulationNodes, fedrag_backend
-from fedrag_ray.federated.ray_head import lean_local_head
+from fedrag_ray.federated.ray_head import lean_local_head, workers_at_driver_niceness
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
 from fedrag_ray.federated.sampling import client_partitions
 from fedrag_ray.federated.server_app import (
@@ -146,6 +146,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
         # actors never reuse them (they start with the job's runtime env), so they only
         # sat there holding ~85 MiB each.
         kwargs["_system_config"] = {"prestart_worker_first_driver": False}
+        workers_at_driver_niceness()
     with warnings.catch_warnings():
         # Ray's notice that it may stop hiding GPUs from num_gpus=0 actors; it still does,
         # which is what keeps CPU-only actors off a GPU.
