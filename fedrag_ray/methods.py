@@ -160,7 +160,10 @@ class LocalTrainResult:
 def batches_for(
     n: int, batch_size: int, seed: int, key: tuple[int, ...], epochs: int, steps: int | None
 ) -> list[np.ndarray]:
-    """Seeded shuffles, one per epoch; with ``steps`` the epochs repeat until enough."""
+    """Seeded shuffles, one per epoch; with ``steps`` the epochs repeat until enough.
+    An empty client (``n == 0``) gets no batches: no number of epochs would fill them."""
+    if n == 0:
+        return []
     out: list[np.ndarray] = []
     epoch = 0
     while True:

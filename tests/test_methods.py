@@ -410,3 +410,12 @@ def test_batches_for_epochs_and_steps():
     assert all(np.array_equal(a, b) for a, b in zip(stepped, again, strict=True))
     other = batches_for(10, 4, seed=0, key=(3, 0), epochs=1, steps=None)
     assert not np.array_equal(np.concatenate(other), np.concatenate(one))
+
+
+@pytest.mark.timeout(10)
+def test_batches_for_an_empty_client_returns_no_batches():
+    """A client with no questions (reachable through local_train: a skewed partition)
+    gets no batches, whether counted in epochs or steps; it used to loop forever with
+    ``steps``, because no epoch of an empty set ever adds a batch."""
+    assert batches_for(0, 4, seed=0, key=(0, 0), epochs=1, steps=3) == []
+    assert batches_for(0, 4, seed=0, key=(0, 0), epochs=2, steps=None) == []
