@@ -107,6 +107,10 @@ class FedRagClientActor(VirtualClientEngineActor):
         return self.run(self._get("app", app[0]), message, *args)
 
 
+class PoolExhausted(RuntimeError):
+    """No idle client actor to run a message on (they died and could not be replaced)."""
+
+
 class FedRagActorPool(BasicActorPool):
     def __init__(
         self,
@@ -130,9 +134,29 @@ class FedRagActorPool(BasicActorPool):
         self._future_to_actor = {}
 
     def replace_dead_actor(self, future: Any) -> None:
+        """A fresh actor in place of the one that ran ``future`` and died. If Ray cannot
+        create one, the pool is one actor smaller and the error says why (it used to be
+        swallowed: the pool could shrink to zero with nobody told)."""
         self._future_to_actor.pop(future, None)
-        with contextlib.suppress(Exception):
-            self.pool.append(self.create_actor_fn())
+        try:
+            actor = self.create_actor_fn()
+        except Exception as err:
+            self.num_actors -= 1
+            log(40, "could not replace a dead client actor (%d left): %s", self.num_actors, err)
+            raise RuntimeError(
+                f"could not replace a dead client actor ({self.num_actors} left in the pool): {err}"
+            ) from err
+        self.pool.append(actor)
+
+    def submit(self, actor_fn: Any, job: Any) -> Any:
+        """Flower's ``submit``, with a clear error instead of ``pop from empty list``
+        when no actor is idle (every one died and could not be replaced)."""
+        if not self.pool:
+            raise PoolExhausted(
+                f"no client actor left idle in the pool ({self.num_actors} alive): the others "
+                "died and could not be replaced (see the errors above)"
+            )
+        return super().submit(actor_fn, job)
 
 
 class FedRagRayBackend(raybackend.RayBackend):
