@@ -37,16 +37,32 @@ SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 
 
 def _model_file(path: str, filename: str) -> Path | None:
-    """``filename`` inside a local model directory or a hub repo (cache or download)."""
+    """``filename`` inside a local model directory or a hub repo (cache or download);
+    None only when the file is known not to exist (absent from the directory, or the
+    hub says so / cached that it said so). Any other failure (offline without a cached
+    copy, a network or permission error) raises: treating it as "missing" made a
+    CLS-pooling model without a readable ``modules.json`` silently mean-pooled."""
     if Path(path).is_dir():
         f = Path(path) / filename
         return f if f.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-        return Path(hf_hub_download(path, filename))
-    except Exception:  # not in the repo, or offline without a cached copy
+    cached = try_to_load_from_cache(path, filename)
+    if cached is _CACHED_NO_EXIST:
         return None
+    if isinstance(cached, str):
+        return Path(cached)
+    try:
+        return Path(hf_hub_download(path, filename))
+    except RemoteEntryNotFoundError:  # the repo has no such file
+        return None
+    except Exception as err:
+        raise ValueError(
+            f"retriever model {path}: cannot read {filename} ({type(err).__name__}: {err}); "
+            "it decides the model's pooling, so fedrag_ray does not guess. Download the "
+            "model once online, or point retriever.model at a local directory"
+        ) from err
 
 
 def _read_json(path: str, filename: str) -> dict[str, Any] | list[Any] | None:
@@ -126,7 +142,8 @@ class TextEncoder(torch.nn.Module):
         self.pooling = "mean"
         if "Pooling" in sub:
             pool_cfg = _read_json(path, f"{sub['Pooling']}/config.json")
-            assert isinstance(pool_cfg, dict), f"{path}: pooling config missing"
+            if not isinstance(pool_cfg, dict):
+                raise ValueError(f"retriever model {path}: {sub['Pooling']}/config.json missing")
             self.pooling = _pooling_mode(pool_cfg, f"retriever model {path}")
         self.dense = torch.nn.ModuleList(
             _Dense(path, m.get("path", ""))

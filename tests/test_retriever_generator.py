@@ -427,3 +427,53 @@ def test_generator_runs_under_bf16_autocast(generator):
         gen.autocast_dtype = None
         fp, _ = gen.answer_logprobs(PROMPTS, ANSWERS)
     torch.testing.assert_close(bf, fp, atol=0.15, rtol=0.02)
+
+
+def _hub_cache_copy(cache, repo: str, model_dir, drop: tuple[str, ...]):
+    """A Hugging Face hub cache holding ``repo`` as a snapshot of ``model_dir`` without
+    the files in ``drop`` (as after a download that never fetched them)."""
+    import shutil
+
+    commit = "0" * 40
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snap = repo_dir / "snapshots" / commit
+    shutil.copytree(model_dir, snap, ignore=shutil.ignore_patterns(*drop))
+    return repo_dir, commit
+
+
+def test_text_encoder_does_not_mean_pool_a_hub_model_whose_pipeline_it_cannot_read(
+    tmp_path, monkeypatch
+):
+    """A CLS-pooling hub model whose ``modules.json`` is not in the (offline) cache used
+    to be read as "no sentence-transformers pipeline" and silently mean-pooled: any error
+    fetching a file counted as "file missing". Now only a file the hub says does not
+    exist counts as missing; anything else is an error naming the file."""
+    import json
+
+    from huggingface_hub import constants
+
+    from fedrag_ray.text_encoder import TextEncoder
+
+    model = tmp_path / "cls_model"
+    import shutil
+
+    shutil.copytree(minilm_path(), model)
+    (model / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 384, "pooling_mode": "cls"})
+    )
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _hub_cache_copy(cache, "acme/cls-encoder", model, ("modules.json",))
+    with pytest.raises(ValueError, match="acme/cls-encoder.*modules.json"):
+        TextEncoder("acme/cls-encoder", max_length=32)
+
+    # a file the hub said does not exist (its cached "no exist" marker) is missing: a
+    # plain encoder, mean-pooled
+    repo_dir, commit = _hub_cache_copy(cache, "acme/plain", model, ("modules.json", "1_*"))
+    (repo_dir / ".no_exist" / commit).mkdir(parents=True)
+    (repo_dir / ".no_exist" / commit / "modules.json").touch()
+    (repo_dir / ".no_exist" / commit / "sentence_bert_config.json").touch()
+    assert TextEncoder("acme/plain", max_length=32).pooling == "mean"
