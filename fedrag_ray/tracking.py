@@ -11,7 +11,8 @@ What a tracked run logs (config section ``tracking:``, :class:`fedrag_ray.config
   (before) and at the last step (after); federated every numeric field of each round's
   row (``train_loss``, evaluation metrics, bytes, seconds) at step = round;
 - artifacts: ``results.json``, the plots and, with ``log_model``, the export directory
-  (:func:`fedrag_ray.export.export_run`, without the store) under ``model/``.
+  (:func:`fedrag_ray.export.export_run`, without the store) under ``model/``; for a
+  federated run in a spawned child process, so the driver still holds no model.
 
 MLflow names allow no ``@``: ``recall@5`` is logged as ``recall_at_5``. A ``file:`` store
 needs ``MLFLOW_ALLOW_FILE_STORE=true`` since MLflow 3 (maintenance mode); it is set for
@@ -93,6 +94,7 @@ class RunTracker:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, mode: str) -> None:
         t = cfg.tracking
         self.run_dir = run_dir
+        self.mode = mode
         self.client: Any = None
         self.run_id: str | None = None
         self.writer: Any = None
@@ -153,10 +155,8 @@ class RunTracker:
         for f in sorted(self.run_dir.glob("*.json")) + sorted(self.run_dir.glob("*.png")):
             self.client.log_artifact(self.run_id, str(f))
         if cfg.tracking.log_model and (self.run_dir / "trainable_state.npz").exists():
-            from fedrag_ray.export import export_run
-
             target = self.run_dir / "export"
-            export_run(self.run_dir, target, store=False)
+            export_model(self.run_dir, target, in_child=self.mode == "federated")
             self.client.log_artifacts(self.run_id, str(target), "model")
 
     def close(self, ok: bool) -> None:
@@ -164,6 +164,28 @@ class RunTracker:
             self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
         if self.writer is not None:
             self.writer.close()
+
+
+def export_model(run_dir: Path, target: Path, in_child: bool) -> None:
+    """``export_run`` without the store. ``in_child``: in a fresh (spawned) process, so a
+    federated driver, which holds arrays and never a model, still never imports torch or
+    loads the generator; the model lives in that process for the export only."""
+    if not in_child:
+        from fedrag_ray.export import export_run
+
+        export_run(run_dir, target, store=False)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_export_in_child, str(run_dir), str(target)).result()
+
+
+def _export_in_child(run_dir: str, target: str) -> None:
+    from fedrag_ray.export import export_run
+
+    export_run(run_dir, target, store=False)
 
 
 def _run_dir(output: str | Path | None) -> Path:

@@ -201,3 +201,36 @@ def test_simulate_logs_rounds_and_keeps_every_round_for_export(tmp_path, data_pa
     with pytest.raises(ExportError, match="kept: \\[2\\].*tracking.keep_rounds=true"):
         resolve_run(copy, server_round=1)
     assert resolve_run(copy, server_round=2).round == 2  # still in the checkpoint
+
+
+@pytest.mark.timeout(900)
+def test_default_tracking_keeps_the_model_out_of_the_federated_driver(tmp_path, data_path):
+    """With MLflow and ``log_model`` (on by default) the exported model is still logged,
+    but the driver of a federated run never imports torch: the export runs in a child
+    process. It used to run in the driver, after the run."""
+    import subprocess
+    import sys
+
+    uri = (tmp_path / "mlruns").as_uri()
+    raw = tiny_raw(
+        data_path, {"mlflow_uri": uri}, federation={"num_clients": 2, "rounds": 1, "local_steps": 1}
+    )
+    script = (
+        "import json, sys\n"
+        "from fedrag_ray.config import config_from_dict\n"
+        "from fedrag_ray.federated import run_federated\n"
+        "res = run_federated(config_from_dict(json.loads(sys.argv[1])), sys.argv[2], num_cpus=2)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'run': res['mlflow_run_id']}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(raw), str(tmp_path / "fed")],
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False
+    arts = artifact_paths(mlflow_client(uri), out["run"])
+    assert "model/generator/adapter_model.safetensors" in arts
+    assert "model/query_encoder/modules.json" in arts
