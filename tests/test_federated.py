@@ -480,3 +480,24 @@ def test_records_carry_arrays_that_the_strategy_decodes_without_np_load(monkeypa
     arrays, _ = FedAvg().aggregate_train(1, replies)
     want = sum((i + 1) * s["a"].astype(np.float64) for i, s in enumerate(states)) / 6
     np.testing.assert_allclose(from_record(arrays)["a"], want, rtol=1e-6)
+
+
+@pytest.mark.timeout(900)
+def test_resume_with_more_rounds_keeps_the_original_lr_schedule(tmp_path):
+    """A run of 2 rounds resumed with ``rounds: 3`` is the 2-round run plus a round at the
+    end of its schedule: the cosine schedule spans the rounds the run was started with
+    (recorded in the checkpoint), not the new count, which used to re-stretch it from
+    the resume point. Each client reports the LR of its first local step."""
+    from fedrag_ray.federated import run_federated
+
+    raw = tiny({"num_clients": 2, "rounds": 2})
+    cfg = config_from_dict(raw)
+    lr, low = cfg.train.lr, cfg.train.min_lr_ratio
+    first = run_federated(cfg, tmp_path, num_cpus=2)
+    lrs = [{c["lr"] for c in h["clients"]} for h in first["history"][1:]]
+    # one local step per round, schedule over 2 steps: cos at progress 0 and 1/2
+    assert lrs == [{pytest.approx(lr)}, {pytest.approx(lr * (low + (1 - low) * 0.5))}]
+    more = config_from_dict(apply_overrides(raw, {"federation.rounds": 3}))
+    resumed = run_federated(more, tmp_path, resume=True, num_cpus=2)
+    assert resumed["resumed_from_round"] == 2
+    assert {c["lr"] for c in resumed["history"][3]["clients"]} == {pytest.approx(lr * low)}

@@ -315,6 +315,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
                 TRAIN_LOSS_KEY: result.mean_loss,
                 TRAIN_SECONDS_KEY: result.seconds,
                 "steps": result.steps,
+                "lr": result.lrs[0] if result.lrs else 0.0,  # the generator's, at step 1
                 "ralt-steps": result.ralt_steps,
                 "lsr-steps": result.lsr_steps,
                 "bytes-received": record_nbytes(received),
