@@ -12,6 +12,11 @@ client per round. A round's rows are appended *before* its checkpoint is written
 resume rows after the checkpoint's round (a round that was cut short) are dropped and a
 torn last line is ignored; the log then matches the checkpoint exactly.
 
+Resuming with more ``federation.rounds`` is allowed (the config fingerprint leaves rounds
+out), and the resumed run is the run that was started: the LR schedule keeps spanning the
+rounds recorded in the checkpoint (``extra["schedule_rounds"]``), so its first rounds
+train exactly as before and the added ones at the schedule's end (``min_lr_ratio``).
+
 Version 2 (issue 14): version 1 pickled the whole history, every client's metrics
 included, into every checkpoint (O(R^2 * C) bytes over a run) with Python's RNG state
 (client sampling no longer uses it, see ``sampling``).

@@ -61,6 +61,7 @@ from fedrag_ray.federated.protocol import (
     NUM_PASSAGES_KEY,
     PARTITION_KEY,
     PROXIMAL_MU_KEY,
+    SCHEDULE_ROUNDS_KEY,
     SERVER_ROUND_KEY,
     TASK_ANSWER,
     TASK_EVALUATE,
@@ -289,7 +290,8 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
         rt.system.load_trainable_state(from_record(received))
         examples = rt.examples(ids)
         # The run's global steps for this client: rounds x local steps (the LR schedule
-        # spans the whole run; `both` alternates on the global step).
+        # spans the whole run, as the server started it: SCHEDULE_ROUNDS_KEY; `both`
+        # alternates on the global step).
         per_round = fed.local_steps or fed.local_epochs * math.ceil(
             len(examples) / rt.cfg.train.batch_size
         )
@@ -302,7 +304,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
             steps=fed.local_steps,
             proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
             start_step=(server_round - 1) * per_round,
-            total_steps=fed.rounds * per_round,
+            total_steps=int(config.get(SCHEDULE_ROUNDS_KEY, fed.rounds)) * per_round,
         )
         rt.clients_served.add(pid)
         release_free_memory()

@@ -11,8 +11,8 @@ index if missing, reply with the initial trainable arrays) or :data:`TASK_EVALUA
 (score the arrays sent on the held-out questions).
 
 A train message:  ``{ARRAYS_KEY: global arrays, CONFIG_KEY: {SERVER_ROUND_KEY,
-EXAMPLE_IDS_KEY, [PROXIMAL_MU_KEY]}}``; its reply: ``{ARRAYS_KEY: trained arrays,
-METRICS_KEY: {PARTITION_KEY, WEIGHT_KEY, TRAIN_LOSS_KEY, TRAIN_SECONDS_KEY, ...}}``.
+EXAMPLE_IDS_KEY, SCHEDULE_ROUNDS_KEY, [PROXIMAL_MU_KEY]}}``; its reply: ``{ARRAYS_KEY:
+trained arrays, METRICS_KEY: {PARTITION_KEY, WEIGHT_KEY, TRAIN_LOSS_KEY, TRAIN_SECONDS_KEY, ...}}``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ METRICS_KEY = "metrics"  # MetricRecord of a reply
 SERVER_ROUND_KEY = "server-round"  # Flower's strategies inject it too
 EXAMPLE_IDS_KEY = "example-ids"  # the client's question indices into the train set
 PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx
+# the rounds the run's LR schedule spans: those it was started with, also after a resume
+# with more rounds (a resumed run is the run it would have been, then more rounds at the
+# schedule's end)
+SCHEDULE_ROUNDS_KEY = "schedule-rounds"
 TASK_KEY = "task"  # of an EVALUATE message: which server task
 TASK_PREPARE = "prepare"
 TASK_EVALUATE = "evaluate"

@@ -24,6 +24,7 @@ the next ones.
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,6 +59,7 @@ from fedrag_ray.federated.protocol import (
     INDEX_SECONDS_KEY,
     METRICS_KEY,
     PARTITION_KEY,
+    SCHEDULE_ROUNDS_KEY,
     SERVER_ROUND_KEY,
     TASK_EVALUATE,
     TASK_KEY,
@@ -73,6 +75,7 @@ from fedrag_ray.federated.secagg import max_weight, secure_round
 from fedrag_ray.federated.strategies import build_strategy, load_strategy_state, strategy_state
 from fedrag_ray.federated.validation import InvalidUpdate, check_arrays, split_valid
 
+logger = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any]], None]
 # Instead of training: work on the prepared federation (federated retrieval at inference,
 # ``federated_retrieval``), given the grid, this server and the initial arrays.
@@ -233,6 +236,7 @@ class FederatedServer:
             self.inference(grid, self, arrays)
             return
 
+        schedule_rounds = self.schedule_rounds(ckpt)
         if ckpt is not None:
             arrays, start_round = ckpt.arrays, ckpt.round + 1
             load_strategy_state(strategy, ckpt.strategy_state)
@@ -259,7 +263,9 @@ class FederatedServer:
             t0 = time.perf_counter()
             if ledger is not None:
                 seed_noise(pcfg, server_round)
-            config = ConfigRecord({SERVER_ROUND_KEY: server_round})
+            config = ConfigRecord(
+                {SERVER_ROUND_KEY: server_round, SCHEDULE_ROUNDS_KEY: schedule_rounds}
+            )
             messages = sampler.train_messages(strategy, server_round, to_record(arrays), config)
             norms: dict[Any, float] = {}
             extra: dict[str, Any] = {}
@@ -361,7 +367,10 @@ class FederatedServer:
                     arrays=arrays,
                     strategy_state=strategy_state(strategy),
                     config_hash=self.fingerprint,
-                    extra=self._privacy_extra(strategy, ledger),
+                    extra={
+                        **self._privacy_extra(strategy, ledger),
+                        "schedule_rounds": schedule_rounds,
+                    },
                 ),
             )
             self.on_round(row)
@@ -376,6 +385,25 @@ class FederatedServer:
                 **pcfg.secagg.model_dump(),
                 "max_weight": max_weight(pcfg.secagg, self.fed, self.cfg.train.batch_size),
             }
+
+    def schedule_rounds(self, ckpt: RoundCheckpoint | None) -> int:
+        """The rounds the LR schedule spans: ``federation.rounds`` of a fresh run; on
+        resume those the run was started with (its checkpoint's), so rounds 1..R of a run
+        resumed with more rounds train exactly as the R-round run, and the rounds past R
+        at the schedule's end (``min_lr_ratio``). A checkpoint from before this was
+        recorded gives today's ``federation.rounds`` (the old behaviour), with a warning."""
+        if ckpt is None:
+            return self.fed.rounds
+        recorded = ckpt.extra.get("schedule_rounds")
+        if recorded is None:
+            logger.warning(
+                "checkpoint in %s does not record the rounds its LR schedule spans; "
+                "using federation.rounds = %d",
+                self.run_dir,
+                self.fed.rounds,
+            )
+            return self.fed.rounds
+        return int(recorded)
 
     def _privacy_extra(self, strategy: Any, ledger: PrivacyLedger | None) -> dict[str, Any]:
         if ledger is None:
