@@ -7,9 +7,12 @@ actor handles that send query vectors to every shard, merge the per-shard top-k 
 (:func:`merge_top_k`) and fetch passages and vectors by global id. A client actor then
 holds no part of the corpus: its memory no longer grows with it.
 
-Shard actors find each other by name (:func:`service_name`, derived from the store's
-path), so a client actor needs only the config to connect. They are owned by the driver
-that started them and stopped by it (:func:`stop`).
+Shard actors are found by name (:func:`service_name`, derived from the store's path and
+the owning run's id) in fedrag_ray's own Ray namespace (:data:`ACTOR_NAMESPACE`), so a
+client actor needs only the config and its run's id to connect, and two runs serving the
+same store at once (concurrent Tune trials sharing ``knowledge_store.path``, a run beside
+``ask``) each have their own actors instead of colliding on one name. They are owned by
+the driver that started them and stopped by it (:func:`stop`).
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from fedrag_ray.fusion import merge_top_k
 from fedrag_ray.knowledge_store import passages_file, read_manifest, read_shard
 
 ACTOR_PREFIX = "fedrag-index"
+ACTOR_NAMESPACE = "fedrag_ray"  # not the job's namespace: names of ours, nobody else's
 
 
-def service_name(store_path: str | Path) -> str:
-    """The Ray actor-name prefix of the service for the store at ``store_path``."""
+def service_name(store_path: str | Path, run_id: str = "") -> str:
+    """The Ray actor-name prefix of ``run_id``'s service for the store at ``store_path``
+    (no ``run_id``: the one-off service of ``ask`` / a benchmark)."""
     digest = hashlib.sha1(str(Path(store_path).resolve()).encode()).hexdigest()[:12]
-    return f"{ACTOR_PREFIX}-{digest}"
+    return f"{ACTOR_PREFIX}-{digest}" + (f"-{run_id}" if run_id else "")
 
 
 class PassageFile:
@@ -141,10 +146,13 @@ class ServedStore:
     @classmethod
     def connect(cls, name: str) -> ServedStore:
         """The running service ``name`` (started by :func:`start`)."""
-        first = ray.get_actor(f"{name}/0")
+        first = ray.get_actor(f"{name}/0", namespace=ACTOR_NAMESPACE)
         layout = ray.get(first.info.remote())
         n = len(layout["shard_sizes"])
-        handles = [first, *(ray.get_actor(f"{name}/{i}") for i in range(1, n))]
+        handles = [
+            first,
+            *(ray.get_actor(f"{name}/{i}", namespace=ACTOR_NAMESPACE) for i in range(1, n)),
+        ]
         return cls(handles, layout["dim"], layout["shard_sizes"])
 
     def __len__(self) -> int:
@@ -199,7 +207,8 @@ def start(
 ) -> tuple[ServedStore, list[dict[str, Any]]]:
     """Start one actor per shard of the store at ``store_path`` (Ray must be running),
     shard i on alive node i mod n, and wait until all have loaded. Returns the store
-    handle and each actor's info (node, pid)."""
+    handle and each actor's info (node, pid). ``name``: the service's name (default
+    ``service_name(store_path)``; a federated run passes its own run id's)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     path = Path(store_path)
@@ -211,6 +220,7 @@ def start(
         handles.append(
             ShardActor.options(
                 name=f"{name}/{i}",
+                namespace=ACTOR_NAMESPACE,
                 num_cpus=num_cpus,
                 # hard: a soft affinity fell back to the head node when the target
                 # node's CPUs were all held by client actors (zero-CPU actor or not)

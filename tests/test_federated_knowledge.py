@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fedrag_ray.config import apply_overrides, config_from_dict
@@ -36,20 +37,26 @@ def tiny(data_path, **overrides):
 
 @pytest.mark.timeout(900)
 def test_served_global_index_evaluates_like_a_local_copy(tmp_path, tiny_data):
+    """Both runs share one global store (``knowledge_store.path``, as concurrent Tune
+    trials do), and the served run starts while another service (``ask``'s) serves that
+    store in the same Ray: its shard actors are the run's own, not a name collision."""
+    from fedrag_ray import index_service
     from fedrag_ray.federated import run_federated
 
-    served = run_federated(
-        tiny(tiny_data, **{"knowledge_store.serve": "actors", "knowledge_store.n_shards": 3}),
-        tmp_path / "served",
-        num_cpus=2,
-    )
+    shared = {"knowledge_store.n_shards": 3, "knowledge_store.path": str(tmp_path / "global")}
+    local = run_federated(tiny(tiny_data, **shared), tmp_path / "local", num_cpus=2)
+    assert local["shard_actors"] == []
+    with index_service.serving(tmp_path / "global") as other:
+        served = run_federated(
+            tiny(tiny_data, **shared, **{"knowledge_store.serve": "actors"}),
+            tmp_path / "served",
+            num_cpus=2,
+        )
+        # the other service was left alone: still up and answering
+        assert other.search(np.ones((1, other.dim), dtype=np.float32), 1)[1].shape == (1, 1)
     assert [s["shard"] for s in served["shard_actors"]] == [0, 1, 2]
     assert served["store_root_nodes_checked"] == 1
     assert served["failures"] == 0
-    local = run_federated(
-        tiny(tiny_data, **{"knowledge_store.n_shards": 3}), tmp_path / "local", num_cpus=2
-    )
-    assert local["shard_actors"] == []
     for key in ("recall@1", "recall@5", "mrr", "accuracy"):
         assert served["history"][0][key] == local["history"][0][key], key
         assert served["history"][-1][key] == local["history"][-1][key], key

@@ -104,6 +104,7 @@ class ClientRuntime:
 
     cfg: ExperimentConfig
     stores_root: Path
+    run_id: str  # names this run's shard actors (serve: actors; index_service)
     system: RAGSystem
     train: list[QAExample]
     eval: list[QAExample]
@@ -128,7 +129,9 @@ class ClientRuntime:
     def public_store(self) -> Any:
         """``knowledge: both``: the store of passages no client owns (opened once)."""
         if self.public is None:
-            self.public = open_global_store(self.system, public_store_path(self.stores_root))
+            self.public = open_global_store(
+                self.system, public_store_path(self.stores_root), self.run_id
+            )
         return self.public
 
     def global_store_for_server(self) -> Any:
@@ -136,7 +139,7 @@ class ClientRuntime:
         knowledge mode): loaded whole, or the shard actors' handle (``serve: actors``)."""
         if self.global_store is None:
             path = global_store_path(self.cfg, self.stores_root)
-            self.global_store = open_global_store(self.system, path)
+            self.global_store = open_global_store(self.system, path, self.run_id)
         return self.global_store
 
     def store_for(self, partition: int) -> Any:
@@ -171,8 +174,8 @@ def _private_bytes(store: Any, public: Any) -> int:
 _RUNTIMES: dict[str, ClientRuntime] = {}
 
 
-def get_runtime(cfg_json: str, stores_root: str) -> ClientRuntime:
-    key = cfg_json + stores_root
+def get_runtime(cfg_json: str, stores_root: str, run_id: str = "") -> ClientRuntime:
+    key = "\n".join((cfg_json, stores_root, run_id))
     runtime = _RUNTIMES.get(key)
     if runtime is None:
         from fedrag_ray.rag import RAGSystem
@@ -184,6 +187,7 @@ def get_runtime(cfg_json: str, stores_root: str) -> ClientRuntime:
         runtime = ClientRuntime(
             cfg=cfg,
             stores_root=Path(stores_root),
+            run_id=run_id,
             system=RAGSystem(cfg),
             train=data.train,
             eval=eval_examples(cfg, data),
@@ -212,8 +216,9 @@ def _parse_faults() -> Faults:
     return parse_faults(os.environ.get(FAULTS_ENV, ""))
 
 
-def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
-    """A ClientApp whose closures hold only two strings (cheap to ship to actors)."""
+def make_client_app(cfg_json: str, stores_root: str, run_id: str = "") -> ClientApp:
+    """A ClientApp whose closures hold only three strings (cheap to ship to actors);
+    ``run_id`` names the run's shard actors (``serve: actors``)."""
     fed = config_from_dict(json.loads(cfg_json)).federation
     noop = fed is not None and fed.client_step == "noop"
     app = ClientApp()
@@ -225,7 +230,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
 
         config: ConfigRecord = msg.content[CONFIG_KEY]
         task = str(config[TASK_KEY])
-        rt = get_runtime(cfg_json, stores_root)
+        rt = get_runtime(cfg_json, stores_root, run_id)
         if task == TASK_RETRIEVE:  # federated retrieval at inference (federated_retrieval)
             return retrieve_reply(rt, int(context.node_config[PARTITION_KEY]), msg)
         if task == TASK_ANSWER:
@@ -284,7 +289,7 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
 
         from fedrag_ray.methods import local_train
 
-        rt = get_runtime(cfg_json, stores_root)
+        rt = get_runtime(cfg_json, stores_root, run_id)
         fed = rt.cfg.federation
         assert fed is not None
         rt.system.load_trainable_state(from_record(received))

@@ -43,13 +43,13 @@ def ensure_global_store(
     return len(store), store
 
 
-def open_global_store(system: RAGSystem, path: Path) -> Any:
-    """The searchable global (or public) store: a handle on the shard actors that serve
-    it, or the whole store loaded here."""
+def open_global_store(system: RAGSystem, path: Path, run_id: str = "") -> Any:
+    """The searchable global (or public) store: a handle on the shard actors that run
+    ``run_id`` started to serve it, or the whole store loaded here."""
     if system.cfg.knowledge_store.serve == "actors":
         from fedrag_ray.index_service import ServedStore, service_name
 
-        return ServedStore.connect(service_name(path))
+        return ServedStore.connect(service_name(path, run_id))
     return KnowledgeStore.load(path, system.retriever.dim)
 
 

@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -229,6 +230,7 @@ def _run_federated(
     if resume and not (run_dir / "checkpoint" / "meta.json").exists():
         raise FileNotFoundError(f"--resume: {run_dir} holds no complete checkpoint")
     cfg_json = cfg.model_dump_json()
+    run_id = uuid.uuid4().hex[:12]  # names this run's shard actors (index_service)
 
     # Join (or start) Ray and check that the client resources fit *before* the slow data
     # and model preparation, so an impossible request fails in seconds, not minutes.
@@ -269,7 +271,11 @@ def _run_federated(
                     served_paths.append(public_store_path(stores_root))
                 for path in served_paths:
                     phase(f"starting shard actors for {path}")
-                    handle, infos = index_service.start(path, cfg.knowledge_store.serve_cpus)
+                    handle, infos = index_service.start(
+                        path,
+                        cfg.knowledge_store.serve_cpus,
+                        name=index_service.service_name(path, run_id),
+                    )
                     served.append(handle)
                     shard_actors.extend({**i, "store": path.name} for i in infos)
 
@@ -307,7 +313,7 @@ def _run_federated(
         with fedrag_backend(nodes, stock=stock_backend):
             run_simulation(
                 server_app=make_server_app(server),
-                client_app=make_client_app(cfg_json, str(stores_root)),
+                client_app=make_client_app(cfg_json, str(stores_root), run_id),
                 num_supernodes=fed.num_clients,
                 backend_config=backend_config,
             )
