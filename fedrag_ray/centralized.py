@@ -18,7 +18,7 @@ from fedrag_ray.evaluate import evaluate
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.methods import local_train, make_optimizer, make_scheduler
 from fedrag_ray.rag import RAGSystem
-from fedrag_ray.runtime import seed_everything
+from fedrag_ray.runtime import seeded
 
 
 def prepare_store(
@@ -26,24 +26,22 @@ def prepare_store(
 ) -> KnowledgeStore:
     """Load the configured store if it exists (checking that it was built from this
     corpus, encoder and index settings), else build it and, when a path is configured,
-    save it for the next run."""
-    from fedrag_ray.provenance import check_provenance, store_provenance
+    save it for the next run (``provenance.ensure_store``)."""
+    from fedrag_ray.provenance import ensure_store, store_provenance
 
     ks = system.cfg.knowledge_store
-    if ks.path and Path(ks.path).exists():
-        store = KnowledgeStore.load(ks.path, expected_dim=system.retriever.dim, device=ks.device)
-        expected = store_provenance(system.retriever, data.passages, ks)
-        check_provenance(
-            ks.path,
-            store.provenance,
-            expected,
-            "rebuild it with `fedrag-ray index build` or point knowledge_store.path elsewhere",
-        )
-        system.store = store
-        return store
-    store = system.build_store(data.passages, show_progress)
-    if ks.path:
-        store.save(ks.path)
+    if not ks.path:
+        return system.build_store(data.passages, show_progress)
+    _, built = ensure_store(
+        ks.path,
+        store_provenance(system.retriever, data.passages, ks),
+        lambda: system.build_store(data.passages, show_progress),
+        "rebuild it with `fedrag-ray index build` or point knowledge_store.path elsewhere",
+    )
+    if built is not None:
+        return built
+    store = KnowledgeStore.load(ks.path, expected_dim=system.retriever.dim, device=ks.device)
+    system.store = store
     return store
 
 
@@ -59,16 +57,97 @@ def run_centralized(
     return track_centralized(_run_centralized, cfg, output, on_step, on_phase)
 
 
+def _train(
+    system: RAGSystem,
+    data: RagDataset,
+    store: KnowledgeStore,
+    on_step: Callable[[int, float], None] | None,
+    phase: Callable[[str], None],
+) -> tuple[list[float], list[float], int]:
+    """The training loop: (loss per step, LR per step, steps done). One optimizer and one
+    LR schedule for the whole run (AdamW's moments carry over epochs); every epoch is the
+    same ``local_train`` a federated client runs."""
+    cfg = system.cfg
+    losses: list[float] = []
+    lrs: list[float] = []
+    steps_done = 0
+
+    def _step(step: int, loss: float) -> None:
+        losses.append(loss)
+        if on_step:
+            on_step(len(losses), loss)
+
+    per_epoch = math.ceil(len(data.train) / cfg.train.batch_size)
+    total = cfg.train.max_steps or per_epoch * cfg.train.epochs
+    optimizer = make_optimizer(system)
+    scheduler = make_scheduler(optimizer, cfg.train, total)
+    if cfg.train.max_steps:
+        phase(f"training {cfg.train.method} for {cfg.train.max_steps} steps")
+        res = local_train(
+            system,
+            data.train,
+            store,
+            key=(0, 0),
+            steps=cfg.train.max_steps,
+            on_step=_step,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+        return losses, res.lrs, res.steps
+    for epoch in range(cfg.train.epochs):
+        phase(f"training {cfg.train.method}, epoch {epoch + 1}/{cfg.train.epochs}")
+        res = local_train(
+            system,
+            data.train,
+            store,
+            key=(0, epoch),
+            on_step=_step,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            start_step=steps_done,
+        )
+        steps_done += res.steps
+        lrs += res.lrs
+    return losses, lrs, steps_done
+
+
+def _save(
+    out: Path,
+    cfg: ExperimentConfig,
+    system: RAGSystem,
+    losses: list[float],
+    results: dict[str, Any],
+) -> None:
+    """The trained arrays, the loss curve and ``results.json`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "trainable_state.npz", npz_bytes(system.trainable_state()))
+    if losses:
+        from fedrag_ray.plots import loss_curve
+
+        loss_curve(losses, out / "loss_curve.png", f"{cfg.train.method} loss ({cfg.name})")
+    atomic_write_json(out / "results.json", results)
+
+
 def _run_centralized(
     cfg: ExperimentConfig,
     output: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """The run, with the global RNGs seeded by ``cfg.seed`` for its duration only."""
+    with seeded(cfg.seed):
+        return _run_seeded(cfg, output, on_step, on_phase)
+
+
+def _run_seeded(
+    cfg: ExperimentConfig,
+    output: str | Path | None,
+    on_step: Callable[[int, float], None] | None,
+    on_phase: Callable[[str], None] | None,
+) -> dict[str, Any]:
     phase = on_phase or (lambda _msg: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    seed_everything(cfg.seed)
     phase("loading data")
     data = load_dataset_from_config(cfg.data)
     phase("loading models")
@@ -87,49 +166,7 @@ def _run_centralized(
     timings["eval_before_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    losses: list[float] = []
-    lrs: list[float] = []
-    steps_done = 0
-
-    def _step(step: int, loss: float) -> None:
-        losses.append(loss)
-        if on_step:
-            on_step(len(losses), loss)
-
-    per_epoch = math.ceil(len(data.train) / cfg.train.batch_size)
-    total = cfg.train.max_steps or per_epoch * cfg.train.epochs
-    # One optimizer and one LR schedule for the whole run (AdamW's moments carry over
-    # epochs); every epoch is the same local_train a federated client runs.
-    optimizer = make_optimizer(system)
-    scheduler = make_scheduler(optimizer, cfg.train, total)
-    if cfg.train.max_steps:
-        phase(f"training {cfg.train.method} for {cfg.train.max_steps} steps")
-        res = local_train(
-            system,
-            data.train,
-            store,
-            key=(0, 0),
-            steps=cfg.train.max_steps,
-            on_step=_step,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
-        steps_done, lrs = res.steps, res.lrs
-    else:
-        for epoch in range(cfg.train.epochs):
-            phase(f"training {cfg.train.method}, epoch {epoch + 1}/{cfg.train.epochs}")
-            res = local_train(
-                system,
-                data.train,
-                store,
-                key=(0, epoch),
-                on_step=_step,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                start_step=steps_done,
-            )
-            steps_done += res.steps
-            lrs += res.lrs
+    losses, lrs, steps_done = _train(system, data, store, on_step, phase)
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -158,13 +195,6 @@ def _run_centralized(
         "config": cfg.model_dump(mode="json"),
     }
     if output:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "trainable_state.npz", npz_bytes(system.trainable_state()))
-        if losses:
-            from fedrag_ray.plots import loss_curve
-
-            loss_curve(losses, out / "loss_curve.png", f"{cfg.train.method} loss ({cfg.name})")
-        atomic_write_json(out / "results.json", results)
+        _save(Path(output), cfg, system, losses, results)
     results["system"] = system  # in-process callers (tests) may inspect it; not serialised
     return results

@@ -27,6 +27,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+StrictModel = _Strict  # public: other config sections (tune.py) are strict the same way
+
+
 class DataConfig(_Strict):
     """Where questions and passages come from.
 
@@ -394,7 +397,15 @@ class FederationConfig(_Strict):
         return self.clients_per_round or self.num_clients
 
 
-class TrackingConfig(_Strict):
+class SweepTrackingConfig(_Strict):
+    """Where a sweep logs its trials (``tune.tracking``; Ray Tune's logger callbacks)."""
+
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "fedrag_ray"
+    tensorboard: bool = False
+
+
+class TrackingConfig(SweepTrackingConfig):
     """Experiment tracking of ``train`` and ``simulate`` (sweeps: ``tune.tracking``):
     per-step / per-round metrics, the config as params and, with ``log_model``, the
     exported model as artifacts (fedrag_ray.tracking). ``mlflow_uri``: e.g.
@@ -402,10 +413,7 @@ class TrackingConfig(_Strict):
     ``tensorboard_dir`` (default RUN_DIR/tensorboard). ``keep_rounds``: a federated run
     also keeps every round's global arrays (RUN_DIR/rounds/) for ``export --round``."""
 
-    mlflow_uri: str | None = None
-    mlflow_experiment: str = "fedrag_ray"
     run_name: str | None = None
-    tensorboard: bool = False
     tensorboard_dir: str | None = None
     log_model: bool = True
     keep_rounds: bool = False
@@ -524,3 +532,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def recall_metric_names(k_values: list[int]) -> list[str]:
+    """The evaluation's recall metrics (``eval.k_values``), as ``evaluate`` names them:
+    one place for ``recall@k`` instead of a hard-coded ``recall@5``."""
+    return [f"recall@{k}" for k in k_values]

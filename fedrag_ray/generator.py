@@ -40,7 +40,7 @@ from fedrag_ray.models import (  # noqa: F401 - re-exported for existing imports
     resolve_generator_path,
 )
 from fedrag_ray.peft_import import import_peft
-from fedrag_ray.runtime import drop_file_pages, file_mappings
+from fedrag_ray.runtime import drop_file_pages, file_mappings, torch_seeded
 from fedrag_ray.shared_weights import share_frozen_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -122,7 +122,6 @@ class Generator:
         for p in base.parameters():
             p.requires_grad_(False)
         frozen_linears = self._compactable_linears(base)
-        torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter
         lora = LoraConfig(
             r=cfg.lora.r,
             lora_alpha=cfg.lora.alpha,
@@ -130,7 +129,8 @@ class Generator:
             target_modules=cfg.lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        self.model = get_peft_model(base, lora)
+        with torch_seeded(seed):  # LoRA A init is random: same seed, same adapter
+            self.model = get_peft_model(base, lora)
         self.model.to(self.device_)  # LoRA factors next to their base layers
         # Ids of the parameters stored in the compute dtype, and their loaded element size.
         self._compacted: dict[int, int] = {}

@@ -242,12 +242,9 @@ def stop(store: ServedStore) -> None:
 def serving(store_path: str | Path, num_cpus: float = 0.0) -> Iterator[ServedStore]:
     """Serve the store for the duration of a block (``ask``), starting a local Ray if
     none is running, and stopping what was started here."""
-    started = not ray.is_initialized()
-    if started:
-        from fedrag_ray.federated.ray_head import workers_at_driver_niceness
+    from fedrag_ray.federated.ray_head import start_or_join_ray
 
-        workers_at_driver_niceness()
-        ray.init(include_dashboard=False, log_to_driver=False)
+    started = start_or_join_ray(log_to_driver=False)
     store, _ = start(store_path, num_cpus)
     try:
         yield store

@@ -28,6 +28,7 @@ from fedrag_ray.config import TrainConfig
 from fedrag_ray.data import QAExample
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.rag import RAGSystem
+from fedrag_ray.runtime import torch_seeded
 
 
 def ralt_loss(system: RAGSystem, batch: list[QAExample], store: KnowledgeStore) -> torch.Tensor:
@@ -202,12 +203,45 @@ def local_train(
     schedule over ``total_steps`` (default: this call's steps). ``proximal_mu`` > 0 adds
     FedProx's mu/2 ||w - w_global||^2.
     """
-    cfg = system.cfg.train
-    start = time.perf_counter()
     # Dropout (e.g. in the query encoder) draws from torch's global RNG: seed it from the
     # key so a client's update does not depend on which clients its actor served before
-    # (resumed and uninterrupted runs then match).
-    torch.manual_seed(int(np.random.default_rng([system.cfg.seed, *key]).integers(2**31)))
+    # (resumed and uninterrupted runs then match); the caller's RNG state comes back after.
+    dropout_seed = int(np.random.default_rng([system.cfg.seed, *key]).integers(2**31))
+    with torch_seeded(dropout_seed):
+        return _train_steps(
+            system,
+            examples,
+            store,
+            key=key,
+            epochs=epochs,
+            steps=steps,
+            proximal_mu=proximal_mu,
+            on_step=on_step,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            start_step=start_step,
+            total_steps=total_steps,
+        )
+
+
+def _train_steps(
+    system: RAGSystem,
+    examples: list[QAExample],
+    store: KnowledgeStore,
+    *,
+    key: tuple[int, ...],
+    epochs: int,
+    steps: int | None,
+    proximal_mu: float,
+    on_step: Callable[[int, float], None] | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    start_step: int,
+    total_steps: int | None,
+) -> LocalTrainResult:
+    """``local_train``'s loop, under its seeded RNG."""
+    cfg = system.cfg.train
+    start = time.perf_counter()
     order = batches_for(len(examples), cfg.batch_size, system.cfg.seed, key, epochs, steps)
     if optimizer is None:
         optimizer = make_optimizer(system)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fedrag_ray.atomic import atomic_directory, atomic_write_bytes
 from fedrag_ray.config import TinyGeneratorSpec
+from fedrag_ray.runtime import torch_seeded
 
 DEFAULT_GENERATOR = "default"
 TINY_RANDOM = "tiny-random"
@@ -164,7 +165,6 @@ def build_tiny_generator(spec: TinyGeneratorSpec, seed: int, out_dir: Path) -> P
     tokenizer of the offline MiniLM package. Idempotent: an existing directory is reused."""
     if (out_dir / "config.json").exists():
         return out_dir
-    import torch
     import transformers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -183,8 +183,8 @@ def build_tiny_generator(spec: TinyGeneratorSpec, seed: int, out_dir: Path) -> P
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch_seeded(seed):  # random weights, the same for the same seed
+        model = LlamaForCausalLM(config)
     try:
         with atomic_directory(out_dir) as tmp:
             model.save_pretrained(tmp)

@@ -12,17 +12,18 @@ naming every field that changed; a stale index is never used silently.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedrag_ray.data import Passage
-from fedrag_ray.knowledge_store import KnowledgeStoreError
+from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStoreError, read_manifest
 
 if TYPE_CHECKING:
     import torch
 
     from fedrag_ray.config import ExperimentConfig, KnowledgeStoreConfig
+    from fedrag_ray.knowledge_store import KnowledgeStore
     from fedrag_ray.retriever import BiEncoderRetriever
 
 _WEIGHTS_CACHE_ATTR = "_fedrag_weights_sha256"
@@ -157,3 +158,26 @@ def check_provenance(
             f"{path}: this knowledge store was built from other inputs than this run "
             f"uses ({'; '.join(changed)}); {fix}"
         )
+
+
+def ensure_store(
+    path: str | Path,
+    expected: dict[str, Any],
+    build: Callable[[], KnowledgeStore],
+    fix: str,
+) -> tuple[int, KnowledgeStore | None]:
+    """The one "use the store at ``path`` if it was built from these inputs, else build
+    it" of fedrag_ray (a centralized run, a federated run's global store, a sweep's shared
+    store). A store on disk is checked by its manifest alone (never loaded here) and
+    refused, naming what changed and ``fix``, if its provenance is not ``expected``;
+    without one, ``build()`` makes the store (stamped with its provenance) and it is
+    saved. Returns (passage count, the store when built here, else None: the caller
+    opens it its own way, loaded or served)."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        manifest = read_manifest(path)
+        check_provenance(path, manifest.get("provenance") or {}, expected, fix)
+        return int(manifest["count"]), None
+    store = build()
+    store.save(path)
+    return len(store), store

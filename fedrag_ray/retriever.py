@@ -22,6 +22,7 @@ import torch
 
 from fedrag_ray.config import RetrieverConfig
 from fedrag_ray.models import minilm_path
+from fedrag_ray.runtime import torch_seeded
 from fedrag_ray.text_encoder import TextEncoder
 
 
@@ -59,16 +60,16 @@ class BiEncoderRetriever:
 
             peft = import_peft()
             LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
-            torch.manual_seed(seed)
-            self.query_encoder.model = get_peft_model(
-                self.query_encoder.model,
-                LoraConfig(
-                    r=cfg.lora_r,
-                    lora_alpha=cfg.lora_alpha,
-                    target_modules=["query", "value"],
-                    lora_dropout=0.0,
-                ),
-            )
+            with torch_seeded(seed):  # LoRA's random init: same seed, same adapter
+                self.query_encoder.model = get_peft_model(
+                    self.query_encoder.model,
+                    LoraConfig(
+                        r=cfg.lora_r,
+                        lora_alpha=cfg.lora_alpha,
+                        target_modules=["query", "value"],
+                        lora_dropout=0.0,
+                    ),
+                )
             self.query_encoder.model.to(device)
 
     @property

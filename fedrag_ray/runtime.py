@@ -7,11 +7,13 @@ aggregation, checkpoints) never loads a model, and importing torch and transform
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +47,23 @@ def quiet_env() -> dict[str, str]:
     }
 
 
-def configure_process(threads: int | None = None) -> None:
+def configure_process(threads: int | None = None, own_process: bool = True) -> None:
     """Quiet, offline-friendly defaults. ``threads`` caps torch's intra-op pool: one per
     Ray client slot, so N actors on N cores do not oversubscribe. Without ``--verbose``
     (FEDRAG_RAY_VERBOSE) the libraries' deprecation notices and per-load progress bars
-    (one "Loading weights" bar per actor and model) stay off the console."""
+    (one "Loading weights" bar per actor and model) stay off the console.
+    ``own_process``: a process fedrag_ray owns (a Ray actor, a trial) also gets
+    process-wide warning filters; a caller's process (a run started from a notebook or a
+    test) does not: there the run scopes them itself (:func:`quiet_warnings`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if not verbose():
         for key, value in quiet_env().items():
             os.environ.setdefault(key, value)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+        if own_process:
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
         logging.getLogger("flwr").setLevel(logging.ERROR)
         try:
             import transformers
@@ -72,12 +78,45 @@ def configure_process(threads: int | None = None) -> None:
         torch.set_num_threads(max(1, int(threads)))
 
 
-def seed_everything(seed: int) -> None:
+@contextlib.contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """The libraries' deprecation notices off for a block (unless ``--verbose``), the
+    caller's warning filters back afterwards."""
+    with warnings.catch_warnings():
+        if not verbose():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's global RNGs seeded for a block (a run whose libraries
+    draw from them), and each put back as it was afterwards: seeding is the run's
+    business, not a process-wide side effect of calling it."""
     import torch
 
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng():
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def torch_seeded(seed: int) -> Iterator[None]:
+    """torch's global RNG seeded for a block (LoRA's random init, dropout: code that
+    takes no generator), and restored afterwards (CUDA's too)."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 @functools.lru_cache(maxsize=1)

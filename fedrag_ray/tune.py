@@ -23,35 +23,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from fedrag_ray.config import ConfigError, apply_overrides, config_from_dict, load_raw
+from fedrag_ray.config import (
+    ConfigError,
+    StrictModel,
+    SweepTrackingConfig,
+    apply_overrides,
+    config_from_dict,
+    load_raw,
+    recall_metric_names,
+)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Dimension(_Strict):
+class Dimension(StrictModel):
     type: Literal["choice", "grid", "uniform", "loguniform", "randint"]
     values: list[Any] | None = None
     low: float | None = None
     high: float | None = None
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(StrictModel):
     name: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
-class TrackingConfig(_Strict):
-    tensorboard: bool = False
-    mlflow_uri: str | None = None
-    mlflow_experiment: str = "fedrag_ray"
-
-
-class TuneConfig(_Strict):
+class TuneConfig(StrictModel):
     metric: str = "accuracy"
     mode: Literal["max", "min"] = "max"
     space: dict[str, Dimension]
@@ -61,7 +59,7 @@ class TuneConfig(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
     max_actors_per_trial: int = Field(1, ge=1)
     trial_driver_cpus: float = Field(1.0, gt=0.0)
-    tracking: TrackingConfig = TrackingConfig()
+    tracking: SweepTrackingConfig = SweepTrackingConfig()
 
 
 def parse_tune_config(raw: dict[str, Any]) -> TuneConfig:
@@ -216,7 +214,6 @@ def run_sweep(
     console: Any = None,
 ) -> dict[str, Any]:
     import ray
-    from ray import tune
 
     raw = load_raw(config)
     if overrides:
@@ -233,65 +230,68 @@ def run_sweep(
     if not any(k.startswith(("retriever.", "knowledge_store.", "data.")) for k in swept):
         _share_global_store(base_raw, output)
 
-    started = False
-    if not ray.is_initialized():
-        if not address:
-            from fedrag_ray.federated.ray_head import workers_at_driver_niceness
+    from fedrag_ray.federated.ray_head import start_or_join_ray
 
-            workers_at_driver_niceness()
-        ray.init(
-            address=address,
-            num_cpus=None if address else (num_cpus or os.cpu_count()),
-            include_dashboard=False,
-        )
-        started = True
+    started = start_or_join_ray(address, num_cpus)
     try:
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base_raw=base_raw, tc=tc),
-            trial_resources(base_raw, tc),
-        )
-        path = output / "sweep"
-        if resume and tune.Tuner.can_restore(str(path)):
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=to_search_space(tc),
-                tune_config=tune.TuneConfig(
-                    metric=tc.metric,
-                    mode=tc.mode,
-                    num_samples=tc.num_samples,
-                    scheduler=_scheduler(tc, base_raw),
-                    max_concurrent_trials=tc.max_concurrent_trials,
-                ),
-                run_config=tune.RunConfig(
-                    name="sweep",
-                    storage_path=str(output),
-                    callbacks=_tracking_callbacks(tc),
-                    verbose=1,
-                    failure_config=tune.FailureConfig(max_failures=0),
-                ),
-            )
-        grid = tuner.fit()
+        grid = _tuner(tc, base_raw, output, resume).fit()
     finally:
         if started:
             ray.shutdown()
     return _write_results(grid, tc, base_raw, output, console)
 
 
+def _tuner(tc: TuneConfig, base_raw: dict[str, Any], output: Path, resume: bool) -> Any:
+    """The sweep's Tuner: restored from ``output/sweep`` on resume, else a fresh one."""
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_raw=base_raw, tc=tc),
+        trial_resources(base_raw, tc),
+    )
+    path = output / "sweep"
+    if resume and tune.Tuner.can_restore(str(path)):
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=to_search_space(tc),
+        tune_config=tune.TuneConfig(
+            metric=tc.metric,
+            mode=tc.mode,
+            num_samples=tc.num_samples,
+            scheduler=_scheduler(tc, base_raw),
+            max_concurrent_trials=tc.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name="sweep",
+            storage_path=str(output),
+            callbacks=_tracking_callbacks(tc),
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
 def _share_global_store(base_raw: dict[str, Any], output: Path) -> None:
-    """Embed the corpus once for the whole sweep instead of once per trial."""
-    from fedrag_ray.centralized import prepare_store
+    """Embed the corpus once for the whole sweep instead of once per trial; a store left
+    by an earlier sweep is reused only if built from the same inputs
+    (``provenance.ensure_store``; only the passage encoder is loaded to check)."""
     from fedrag_ray.data import load_dataset_from_config
+    from fedrag_ray.provenance import ensure_store, store_provenance
     from fedrag_ray.rag import RAGSystem
+    from fedrag_ray.retriever import BiEncoderRetriever
 
     path = output / "global_store"
     base_raw.setdefault("knowledge_store", {})["path"] = str(path)
-    if (path / "manifest.json").exists():
-        return
     cfg = config_from_dict(apply_overrides(base_raw, {"train.method": "ralt"}))
     data = load_dataset_from_config(cfg.data)
-    prepare_store(RAGSystem(cfg), data)
+    encoder = BiEncoderRetriever(cfg.retriever.model_copy(update={"train": "none"}))
+    ensure_store(
+        path,
+        store_provenance(encoder, data.passages, cfg.knowledge_store),
+        lambda: RAGSystem(cfg).build_store(data.passages),
+        f"delete {path} to rebuild it",
+    )
 
 
 def _scheduler(tc: TuneConfig, base_raw: dict[str, Any]) -> Any:
@@ -332,45 +332,35 @@ def _tracking_callbacks(tc: TuneConfig) -> list[Any]:
     return callbacks
 
 
+def _trial_row(result: Any, tc: TuneConfig, base_raw: dict[str, Any]) -> dict[str, Any]:
+    """One trial of the sweep: its parameters, final metric and per-round history."""
+    params = {k: result.config.get(k) for k in tc.space}
+    history = []
+    if result.metrics_dataframe is not None and len(result.metrics_dataframe):
+        history = json.loads(result.metrics_dataframe.to_json(orient="records"))
+    final = result.metrics or {}
+    k_values = config_from_dict(base_raw).eval.k_values
+    keys = ("round", tc.metric, "evaluated_round", "train_loss", "seconds")
+    keys += tuple(recall_metric_names(k_values))
+    return {
+        "trial": Path(result.path).name,
+        "params": params,
+        "metric": final.get(tc.metric),
+        "rounds_reported": len(history),
+        "stopped_early": result.error is None
+        and len(history) < _expected_reports(base_raw, params),
+        "error": str(result.error) if result.error else None,
+        "history": [{k: h.get(k) for k in dict.fromkeys(keys)} for h in history],
+    }
+
+
 def _write_results(
     grid: Any, tc: TuneConfig, base_raw: dict[str, Any], output: Path, console: Any
 ) -> dict[str, Any]:
-    import csv
-
+    """Rank the trials; write ``tune_results.{json,csv,png}`` and ``best_config.yaml``."""
     from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json
 
-    rows = []
-    for result in grid:
-        params = {k: result.config.get(k) for k in tc.space}
-        history = []
-        if result.metrics_dataframe is not None and len(result.metrics_dataframe):
-            history = json.loads(result.metrics_dataframe.to_json(orient="records"))
-        final = result.metrics or {}
-        rows.append(
-            {
-                "trial": Path(result.path).name,
-                "params": params,
-                "metric": final.get(tc.metric),
-                "rounds_reported": len(history),
-                "stopped_early": result.error is None
-                and len(history) < _expected_reports(base_raw, params),
-                "error": str(result.error) if result.error else None,
-                "history": [
-                    {
-                        k: h.get(k)
-                        for k in (
-                            "round",
-                            tc.metric,
-                            "evaluated_round",
-                            "train_loss",
-                            "seconds",
-                            "recall@5",
-                        )
-                    }
-                    for h in history
-                ],
-            }
-        )
+    rows = [_trial_row(result, tc, base_raw) for result in grid]
     ranked = sorted(
         rows,
         key=lambda r: (r["metric"] is None or _nan(r["metric"]), _rank_key(r["metric"], tc.mode)),
@@ -378,20 +368,7 @@ def _write_results(
     best = ranked[0] if ranked and ranked[0]["metric"] is not None else None
     summary = {"metric": tc.metric, "mode": tc.mode, "trials": ranked, "best": best}
     atomic_write_json(output / "tune_results.json", summary)
-    with open(output / "tune_results.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "trial", *tc.space, tc.metric, "rounds_reported", "error"])
-        for i, r in enumerate(ranked, 1):
-            writer.writerow(
-                [
-                    i,
-                    r["trial"],
-                    *[r["params"][k] for k in tc.space],
-                    r["metric"],
-                    r["rounds_reported"],
-                    r["error"] or "",
-                ]
-            )
+    _write_csv(ranked, tc, output / "tune_results.csv")
     if best is not None:
         best_raw = _best_config_raw(apply_overrides(base_raw, best["params"]))
         best_raw.get("knowledge_store", {}).pop("path", None)
@@ -405,6 +382,25 @@ def _write_results(
             console.print(f"best: {best['params']} → {tc.metric} {best['metric']:.4f}")
             console.print(f"best config: {output / 'best_config.yaml'}")
     return summary
+
+
+def _write_csv(ranked: list[dict[str, Any]], tc: TuneConfig, path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "trial", *tc.space, tc.metric, "rounds_reported", "error"])
+        for i, r in enumerate(ranked, 1):
+            writer.writerow(
+                [
+                    i,
+                    r["trial"],
+                    *[r["params"][k] for k in tc.space],
+                    r["metric"],
+                    r["rounds_reported"],
+                    r["error"] or "",
+                ]
+            )
 
 
 def _expected_reports(base_raw: dict[str, Any], params: dict[str, Any]) -> int:

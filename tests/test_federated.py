@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -404,7 +405,7 @@ def test_server_task_moves_to_the_next_node_when_an_actor_fails():
                     yield Message(RecordDict({"metrics": metrics}), reply_to=m)
 
     cfg = config_from_dict(tiny({"num_clients": 4}))
-    server = FederatedServer(cfg, cfg.model_dump_json(), "/nonexistent", {})
+    server = FederatedServer(cfg, cfg.model_dump_json(), "/nonexistent")
     server.task_nodes = [11, 12, 13, 14]
     grid = Grid(failing={11})
     arrays = {"generator.w": np.zeros((2, 2), np.float32)}
@@ -493,7 +494,11 @@ def test_resume_with_more_rounds_keeps_the_original_lr_schedule(tmp_path):
     raw = tiny({"num_clients": 2, "rounds": 2})
     cfg = config_from_dict(raw)
     lr, low = cfg.train.lr, cfg.train.min_lr_ratio
+    filters, np_state = list(warnings.filters), np.random.get_state()
     first = run_federated(cfg, tmp_path, num_cpus=2)
+    # a library call: the caller's warning filters and global RNG are as they were
+    assert warnings.filters == filters
+    assert all(np.array_equal(a, b) for a, b in zip(np_state, np.random.get_state(), strict=True))
     lrs = [[c["lr"] for c in h["clients"]] for h in first["history"][1:]]
     # one local step per round, schedule over 2 steps: cos at progress 0 and 1/2
     assert lrs == [[pytest.approx(lr)] * 2, [pytest.approx(lr * (low + (1 - low) * 0.5))] * 2]

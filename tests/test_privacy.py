@@ -24,7 +24,7 @@ from fedrag_ray.federated.privacy import (
     epsilon_after,
     local_noise_multiplier,
     noise_for_epsilon,
-    seed_noise,
+    noise_rng,
     train_mods,
     wrap_strategy,
 )
@@ -64,14 +64,14 @@ def replies_for(messages: list[Message], updates: list[dict[str, np.ndarray]]) -
 def dp_round(fed, updates, server_round: int = 1):
     ledger = PrivacyLedger(fed)
     strategy = wrap_strategy(build_strategy(fed.strategy, UNIFORM_WEIGHT_KEY), fed, ledger)
-    seed_noise(fed.privacy, server_round)
     grid = RoundNodes(list(range(10, 10 + len(updates))))
     msgs = list(
         strategy.configure_train(
             server_round, to_record(GLOBAL), ConfigRecord({"server-round": 1}), grid
         )
     )
-    agg, _ = aggregate_train(strategy, server_round, replies_for(msgs, updates))
+    with noise_rng(fed.privacy, server_round):
+        agg, _ = aggregate_train(strategy, server_round, replies_for(msgs, updates))
     return from_record(agg), ledger, strategy
 
 

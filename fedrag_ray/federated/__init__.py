@@ -1,5 +1,5 @@
 """Federated RAG fine-tuning on Flower's Ray simulation backend."""
 
-from fedrag_ray.federated.simulation import run_federated
+from fedrag_ray.federated.simulation import FederatedSession, run_federated
 
-__all__ = ["run_federated"]
+__all__ = ["FederatedSession", "run_federated"]

@@ -1,15 +1,17 @@
 """Federated retrieval at inference: a question goes to every client's private knowledge,
 each client returns its top-k (passage ids, scores, texts), the server merges them.
 
-It runs on the training machinery: the same Flower ServerApp prepares the federation
-(global store, private shards, shard actors, store-root check; ``server_app``), then,
-instead of training rounds, sends one ``evaluate`` message with ``task: retrieve`` to
-every client node. A client searches what it would train on (its private shard; with
-``knowledge: both`` also the public store) with its query encoder and replies with
-lists only; the server merges them by score or reciprocal-rank fusion (``fusion``).
-``ask --federated`` then has one client actor generate the answer from the merged
-passages; ``eval --federated`` compares the merged lists with central retrieval over the
-global store (the same corpus) on the held-out questions.
+It runs on the training machinery: a :class:`~.simulation.FederatedSession` prepares the
+federation (global store, private shards, shard actors, store-root check) as for
+training, then, instead of training rounds, runs one of the tasks built here
+(:func:`ask_inference`, :func:`eval_inference`): one ``evaluate`` message with ``task:
+retrieve`` to every client node. A client searches what it would train on (its private
+shard; with ``knowledge: both`` also the public store) with its query encoder and
+replies with lists only (``client_tasks.retrieve``); the server merges them by score or
+reciprocal-rank fusion (``fusion``). ``ask --federated`` then has one client actor
+generate the answer from the merged passages; ``eval --federated`` compares the merged
+lists with central retrieval over the global store (the same corpus) on the held-out
+questions. A task returns its results; the session returns them.
 """
 
 from __future__ import annotations
@@ -19,14 +21,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedrag_ray.data import Passage
+from fedrag_ray.federated.params import to_record
 from fedrag_ray.federated.protocol import (
+    ANSWER_KEY,
+    ANSWER_TEXT_KEY,
     ARRAYS_KEY,
     CONFIG_KEY,
+    HIT_COUNTS_KEY,
+    HIT_DOC_IDS_KEY,
+    HIT_IDS_KEY,
+    HIT_SCORES_KEY,
+    HIT_TEXTS_KEY,
+    HITS_KEY,
+    K_KEY,
     METRICS_KEY,
     PARTITION_KEY,
+    PASSAGES_KEY,
+    PASSAGES_USED_KEY,
+    QUESTION_KEY,
+    QUESTIONS_KEY,
+    SCOPE_KEY,
     TASK_ANSWER,
     TASK_KEY,
     TASK_RETRIEVE,
@@ -37,71 +54,26 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from fedrag_ray.config import ExperimentConfig
-    from fedrag_ray.federated.client_app import ClientRuntime
-    from fedrag_ray.federated.server_app import FederatedServer
-
-
-# --------------------------------------------------------------------------- client side
-
-
-def retrieve_reply(rt: ClientRuntime, partition: int, msg: Message) -> Message:
-    """Search this client's knowledge (``scope: own``) or the global store (``scope:
-    global``, central retrieval for comparison) for every question."""
-    config = msg.content[CONFIG_KEY]
-    questions = [str(q) for q in config["questions"]]
-    k = int(config["k"])
-    if ARRAYS_KEY in msg.content:
-        from fedrag_ray.federated.params import from_record
-
-        rt.system.load_trainable_state(from_record(msg.content[ARRAYS_KEY]))
-    store = rt.global_store_for_server() if config["scope"] == "global" else rt.store_for(partition)
-    scores, idx = rt.system.retrieve(questions, k, store)
-    rows = store.get(idx)
-    flat = [p for row in rows for p in row]
-    hits = ConfigRecord(
-        {
-            "counts": [len(row) for row in rows],
-            "ids": [p.id for p in flat] or [""],
-            "doc-ids": [p.doc_id for p in flat] or [""],
-            "texts": [p.text for p in flat] or [""],
-            "scores": [
-                float(s) for row, srow in zip(rows, scores, strict=True) for s in srow[: len(row)]
-            ]
-            or [0.0],
-        }
-    )
-    metrics = MetricRecord({PARTITION_KEY: partition})
-    return Message(RecordDict({"hits": hits, METRICS_KEY: metrics}), reply_to=msg)
-
-
-def answer_reply(rt: ClientRuntime, msg: Message) -> Message:
-    """Generate the answer to one question from the merged passages (rank order)."""
-    config = msg.content[CONFIG_KEY]
-    question, passages = str(config["question"]), [str(p) for p in config["passages"]]
-    if ARRAYS_KEY in msg.content:
-        from fedrag_ray.federated.params import from_record
-
-        rt.system.load_trainable_state(from_record(msg.content[ARRAYS_KEY]))
-    reserve = rt.cfg.rag.max_new_tokens
-    kept = rt.system.fit_passages(question, passages, reserve)
-    text = rt.system.generator.generate([rt.system.prompt(question, kept, reserve)], reserve)[0]
-    content = {"answer": ConfigRecord({"text": text, "passages-used": len(kept)})}
-    return Message(RecordDict(content), reply_to=msg)
+    from fedrag_ray.federated.server_app import FederatedServer, FederationTask
 
 
 # --------------------------------------------------------------------------- server side
 
 
 def _parse(reply: Message, source: int) -> list[list[Hit]]:
-    hits = reply.content["hits"]
-    counts = list(hits["counts"])
+    hits = reply.content[HITS_KEY]
+    counts = list(hits[HIT_COUNTS_KEY])
     out, pos = [], 0
     for n in counts:
         out.append(
             [
                 Hit(
-                    Passage(id=hits["ids"][i], text=hits["texts"][i], doc_id=hits["doc-ids"][i]),
-                    float(hits["scores"][i]),
+                    Passage(
+                        id=hits[HIT_IDS_KEY][i],
+                        text=hits[HIT_TEXTS_KEY][i],
+                        doc_id=hits[HIT_DOC_IDS_KEY][i],
+                    ),
+                    float(hits[HIT_SCORES_KEY][i]),
                     source,
                 )
                 for i in range(pos, pos + n)
@@ -122,14 +94,12 @@ def fan_out(
 ) -> tuple[dict[int, list[list[Hit]]], list[str]]:
     """One retrieve message per client (partition → node); its hits per question, and
     the reasons of the clients that failed."""
-    from fedrag_ray.federated.params import to_record
-
     messages = []
     for _pid, node in sorted(nodes.items()):
         content = RecordDict(
             {
                 CONFIG_KEY: ConfigRecord(
-                    {TASK_KEY: TASK_RETRIEVE, "questions": questions, "k": k, "scope": scope}
+                    {TASK_KEY: TASK_RETRIEVE, QUESTIONS_KEY: questions, K_KEY: k, SCOPE_KEY: scope}
                 )
             }
         )
@@ -181,10 +151,11 @@ def _gold_recall(rows: list[list[Hit]], gold: list[list[str]], k: int) -> float:
 
 def ask_inference(
     questions: list[str], k: int, arrays: dict[str, np.ndarray] | None, generate: bool = True
-) -> Any:
-    """The ``inference`` hook of ``ask --federated``: merged passages (+ an answer)."""
+) -> FederationTask:
+    """The task of ``ask --federated``: merged passages (+ an answer), as
+    ``{"federated_retrieval": ...}``."""
 
-    def run(grid: Grid, server: FederatedServer, initial: dict[str, np.ndarray]) -> None:
+    def run(grid: Grid, server: FederatedServer, initial: dict[str, np.ndarray]) -> dict[str, Any]:
         timeout = server.fed.round_timeout_s
         t = time.perf_counter()
         by_client, failed = fan_out(grid, server.part_to_node, questions, k, timeout, arrays=arrays)
@@ -200,53 +171,43 @@ def ask_inference(
             "merged_texts": [[h.passage.text for h in row] for row in merged],
         }
         if generate:
-            answers = []
-            for q, row in zip(questions, merged, strict=True):
-                content = RecordDict(
-                    {
-                        CONFIG_KEY: ConfigRecord(
-                            {
-                                TASK_KEY: TASK_ANSWER,
-                                "question": q,
-                                "passages": [h.passage.text for h in row] or [""],
-                            }
-                        )
-                    }
-                )
-                if arrays is not None:
-                    from fedrag_ray.federated.params import to_record
-
-                    content[ARRAYS_KEY] = to_record(arrays)
-                reply = _send_to_any(grid, server, content)
-                answers.append(
-                    {
-                        "answer": str(reply.content["answer"]["text"]),
-                        "passages_used": int(reply.content["answer"]["passages-used"]),
-                    }
-                )
-            out["answers"] = answers
-        server.results["federated_retrieval"] = out
+            out["answers"] = [
+                _answer(grid, server, q, [h.passage.text for h in row], arrays)
+                for q, row in zip(questions, merged, strict=True)
+            ]
+        return {"federated_retrieval": out}
 
     return run
 
 
-def _send_to_any(grid: Grid, server: FederatedServer, content: RecordDict) -> Message:
-    errors = []
-    for node in server.task_nodes[:3]:
-        msg = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
-        for reply in grid.send_and_receive([msg], timeout=server.fed.round_timeout_s):
-            if not reply.has_error():
-                return reply
-            errors.append(reply.error.reason)
-    raise RuntimeError(f"answer generation failed on every node tried: {errors[:3]}")
+def _answer(
+    grid: Grid,
+    server: FederatedServer,
+    question: str,
+    passages: list[str],
+    arrays: dict[str, np.ndarray] | None,
+) -> dict[str, Any]:
+    """One client actor (the next one if it fails) answers from the merged passages."""
+    config = {TASK_KEY: TASK_ANSWER, QUESTION_KEY: question, PASSAGES_KEY: passages or [""]}
+    content = RecordDict({CONFIG_KEY: ConfigRecord(config)})
+    if arrays is not None:
+        content[ARRAYS_KEY] = to_record(arrays)
+    reply = server.send_to_any_node(grid, content, "answer generation")
+    return {
+        "answer": str(reply.content[ANSWER_KEY][ANSWER_TEXT_KEY]),
+        "passages_used": int(reply.content[ANSWER_KEY][PASSAGES_USED_KEY]),
+    }
 
 
-def eval_inference(questions: list[str], gold: list[list[str]], k_values: list[int]) -> Any:
-    """The ``inference`` hook of ``eval --federated``: merged federated retrieval vs
-    central retrieval over the global store, on the same questions and corpus."""
+def eval_inference(
+    questions: list[str], gold: list[list[str]], k_values: list[int]
+) -> FederationTask:
+    """The task of ``eval --federated``: merged federated retrieval vs central retrieval
+    over the global store, on the same questions and corpus (``federated_eval``,
+    ``federated_merged``, ``central``)."""
     k = max(k_values)
 
-    def run(grid: Grid, server: FederatedServer, initial: dict[str, np.ndarray]) -> None:
+    def run(grid: Grid, server: FederatedServer, initial: dict[str, np.ndarray]) -> dict[str, Any]:
         timeout = server.fed.round_timeout_s
         t = time.perf_counter()
         by_client, failed = fan_out(grid, server.part_to_node, questions, k, timeout)
@@ -274,26 +235,27 @@ def eval_inference(questions: list[str], gold: list[list[str]], k_values: list[i
             metrics[f"overlap_with_central@{kk}"] = float(
                 np.mean([_overlap(a, b) for a, b in zip(fed_k, cen_k, strict=True)])
             )
-        server.results["federated_eval"] = metrics
-        server.results["federated_merged"] = [_hits_json(h) for h in merged]
-        server.results["central"] = [_hits_json(h) for h in central]
+        return {
+            "federated_eval": metrics,
+            "federated_merged": [_hits_json(h) for h in merged],
+            "central": [_hits_json(h) for h in central],
+        }
 
     return run
 
 
 def run_federated_retrieval(
     cfg: ExperimentConfig,
-    inference: Any,
+    task: FederationTask,
     output: str | Path | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
     on_phase: Any = None,
 ) -> dict[str, Any]:
-    """Prepare the federation as a training run would, then run ``inference`` on it."""
-    from fedrag_ray.federated.simulation import _run_federated
+    """Prepare the federation as a training run would, then run ``task`` on it."""
+    from fedrag_ray.federated.simulation import FederatedSession
 
     if cfg.federation is None:
         raise ValueError("federated retrieval needs a federation: section")
-    return _run_federated(
-        cfg, output, address=address, num_cpus=num_cpus, on_phase=on_phase, inference=inference
-    )
+    session = FederatedSession(cfg, output, address=address, num_cpus=num_cpus, on_phase=on_phase)
+    return session.retrieve(task)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedrag_ray.data import Passage
-from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStore, read_manifest
-from fedrag_ray.provenance import check_provenance, store_provenance
+from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStore
+from fedrag_ray.provenance import ensure_store, store_provenance
 
 if TYPE_CHECKING:
     from fedrag_ray.rag import RAGSystem
@@ -26,21 +26,13 @@ def ensure_global_store(
     """Make sure the store at ``path`` exists and was built from these passages, this
     encoder and these index settings (only its manifest is read), else build and save
     it. Returns (passage count, the store if it was built here)."""
-    ks = system.cfg.knowledge_store
-    expected = store_provenance(system.retriever, passages, ks)
-    if (path / MANIFEST).exists():
-        manifest = read_manifest(path)
-        check_provenance(
-            path,
-            manifest.get("provenance") or {},
-            expected,
-            "delete it (or point knowledge_store.path / federation.shard_dir elsewhere) "
-            "to rebuild it",
-        )
-        return int(manifest["count"]), None
-    store = system.build_store(passages)
-    store.save(path)
-    return len(store), store
+    expected = store_provenance(system.retriever, passages, system.cfg.knowledge_store)
+    return ensure_store(
+        path,
+        expected,
+        lambda: system.build_store(passages),
+        "delete it (or point knowledge_store.path / federation.shard_dir elsewhere) to rebuild it",
+    )
 
 
 def open_global_store(system: RAGSystem, path: Path, run_id: str = "") -> Any:

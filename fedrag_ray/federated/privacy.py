@@ -20,8 +20,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -227,13 +229,21 @@ def composes_itself(strategy: Strategy) -> bool:
     return getattr(strategy, "accountant", None) is not None
 
 
-def seed_noise(pcfg: PrivacyConfig, server_round: int) -> None:
-    """Flower's wrappers draw their noise from NumPy's global RNG: from OS entropy unless
-    ``noise_seed`` is set (reproducible runs and resumes; never for real deployments)."""
+@contextlib.contextmanager
+def noise_rng(pcfg: PrivacyConfig, server_round: int) -> Iterator[None]:
+    """Flower's wrappers draw their noise from NumPy's global RNG: for the block that
+    aggregates, it is seeded from OS entropy, or from ``noise_seed`` and the round
+    (reproducible runs and resumes; never for real deployments); the caller's global
+    state is put back afterwards, so aggregating has no process-wide side effect."""
+    state = np.random.get_state()
     if pcfg.noise_seed is None:
         np.random.seed()
     else:
         np.random.seed([pcfg.noise_seed, server_round])
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def train_mods(cfg_json: str) -> list[Any]:

@@ -10,6 +10,13 @@ never loads a model), named by :data:`TASK_KEY`: :data:`TASK_PREPARE` (build the
 index if missing, reply with the initial trainable arrays) or :data:`TASK_EVALUATE`
 (score the arrays sent on the held-out questions).
 
+Federated retrieval at inference (``federated_retrieval.py``) speaks the same way: a
+:data:`TASK_RETRIEVE` message carries ``{CONFIG_KEY: {TASK_KEY, QUESTIONS_KEY, K_KEY,
+SCOPE_KEY}, [ARRAYS_KEY]}`` and its reply ``{HITS_KEY: {HIT_COUNTS_KEY, HIT_IDS_KEY,
+HIT_DOC_IDS_KEY, HIT_TEXTS_KEY, HIT_SCORES_KEY}, METRICS_KEY: {PARTITION_KEY}}``; a
+:data:`TASK_ANSWER` message ``{CONFIG_KEY: {TASK_KEY, QUESTION_KEY, PASSAGES_KEY}}`` and
+its reply ``{ANSWER_KEY: {ANSWER_TEXT_KEY, PASSAGES_USED_KEY}}``.
+
 A train message:  ``{ARRAYS_KEY: global arrays, CONFIG_KEY: {SERVER_ROUND_KEY,
 EXAMPLE_IDS_KEY, SCHEDULE_ROUNDS_KEY, [PROXIMAL_MU_KEY]}}``; its reply: ``{ARRAYS_KEY:
 trained arrays, METRICS_KEY: {PARTITION_KEY, WEIGHT_KEY, TRAIN_LOSS_KEY, TRAIN_SECONDS_KEY, ...}}``.
@@ -48,6 +55,17 @@ TRAIN_LOSS_KEY = "train-loss"
 TRAIN_SECONDS_KEY = "train-seconds"
 UNIFORM_WEIGHT_KEY = "dp-uniform-weight"  # set to 1 on every accepted reply under DP
 
+# What else a train reply reports about the client and the actor that served it.
+STEPS_KEY = "steps"
+LR_KEY = "lr"  # the generator's LR at the client's first local step
+RALT_STEPS_KEY = "ralt-steps"
+LSR_STEPS_KEY = "lsr-steps"
+BYTES_RECEIVED_KEY = "bytes-received"
+BYTES_SENT_KEY = "bytes-sent"
+ACTOR_PID_KEY = "actor-pid"
+ACTOR_CLIENTS_SERVED_KEY = "actor-clients-served"
+ACTOR_NODE_KEY = "actor-node"  # the Ray node id's first 8 hex digits, as an int
+
 # Metric keys of a prepare reply.
 FULL_MODEL_BYTES_KEY = "full-model-bytes"
 INDEX_SECONDS_KEY = "index-seconds"
@@ -56,3 +74,20 @@ NUM_PASSAGES_KEY = "num-passages"
 # Config keys of the FitIns that SecAgg+ (a legacy workflow) carries to the client mod.
 ARRAY_NAMES_KEY = "fedrag-array-names"  # the array names, "\n"-joined, in order
 UNIFORM_KEY = "fedrag-uniform-weight"  # weight every client 1 (DP)
+
+# Federated retrieval at inference: a retrieve message's config and its reply's hits.
+QUESTIONS_KEY = "questions"
+K_KEY = "k"
+SCOPE_KEY = "scope"  # "own" (the client's knowledge) or "global" (central, to compare)
+HITS_KEY = "hits"  # ConfigRecord of a retrieve reply: flat lists, HIT_COUNTS_KEY per question
+HIT_COUNTS_KEY = "counts"
+HIT_IDS_KEY = "ids"
+HIT_DOC_IDS_KEY = "doc-ids"
+HIT_TEXTS_KEY = "texts"
+HIT_SCORES_KEY = "scores"
+# an answer message's config and its reply
+QUESTION_KEY = "question"
+PASSAGES_KEY = "passages"
+ANSWER_KEY = "answer"  # ConfigRecord of an answer reply
+ANSWER_TEXT_KEY = "text"
+PASSAGES_USED_KEY = "passages-used"

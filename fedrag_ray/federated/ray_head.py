@@ -17,6 +17,8 @@ never touched. ``FEDRAG_RAY_FULL_RAY_HEAD=1`` starts the stock head (e.g. to use
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from collections.abc import Iterator
 
 from fedrag_ray.runtime import env_flag
@@ -24,6 +26,49 @@ from fedrag_ray.runtime import env_flag
 FULL_HEAD_ENV = "FEDRAG_RAY_FULL_RAY_HEAD"
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet a local ray.init starts
 SKIPPED_METHODS = ("start_monitor", "start_api_server")  # ray._private.node.Node
+
+
+def start_or_join_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    *,
+    env_vars: dict[str, str] | None = None,
+    log_to_driver: bool = True,
+) -> bool:
+    """The one way fedrag_ray starts or joins Ray (simulations, sweeps, ``ask``'s shard
+    actors). Returns True when this call started Ray (its caller then shuts it down);
+    a Ray already initialised in this process is used as it is.
+
+    Joining (``address``: ``auto`` or ``HOST:PORT``) touches nothing of the cluster. A
+    local head gets ``num_cpus`` (default: every core), workers at the driver's niceness
+    (:func:`workers_at_driver_niceness`), no prestarted idle workers (Ray prestarts one
+    Python worker per CPU for the first driver; actors started with a runtime env never
+    reuse them, so they only held ~85 MiB each) and no monitor / dashboard API server
+    (:func:`lean_local_head`). ``env_vars`` becomes the job's runtime env, so it also
+    reaches the workers of a joined cluster, whose raylets never saw this shell."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, object] = {"include_dashboard": False, "log_to_driver": log_to_driver}
+    if env_vars:
+        kwargs["runtime_env"] = {"env_vars": dict(env_vars)}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+        kwargs["_system_config"] = {"prestart_worker_first_driver": False}
+        workers_at_driver_niceness()
+    with warnings.catch_warnings():
+        # Ray's notice that it may stop hiding GPUs from num_gpus=0 actors; it still does,
+        # which is what keeps CPU-only actors off a GPU.
+        warnings.filterwarnings("ignore", message=".*accelerator visible devices.*")
+        if address:
+            ray.init(**kwargs)
+        else:
+            with lean_local_head():
+                ray.init(**kwargs)
+    return True
 
 
 def workers_at_driver_niceness() -> None:
@@ -34,8 +79,6 @@ def workers_at_driver_niceness() -> None:
     ``RAY_worker_niceness`` in the environment wins. The raylet applies it as an
     *increment* to the niceness it inherited from this process, so 0 means "the same as
     the driver". Clusters set it on ``ray start`` (``clusters/README.md``)."""
-    import os
-
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
 
 

@@ -226,16 +226,8 @@ def secure_round(
     t0 = time.perf_counter()
     names = list(current)
     by_node = {m.metadata.dst_node_id: m for m in messages}
-    fitins = {}
-    for nid, m in by_node.items():
-        config = dict(m.content[CONFIG_KEY])
-        config[ARRAY_NAMES_KEY] = "\n".join(names)
-        config[UNIFORM_KEY] = int(uniform)
-        record = m.content[ARRAYS_KEY]
-        params = Parameters(tensors=[record[n].data for n in names], tensor_type="numpy.ndarray")
-        fitins[nid] = FitIns(params, config)  # type: ignore[arg-type]
     counting = CountingGrid(grid)
-    adapter = _RoundStrategy(fitins, counting)  # type: ignore[arg-type]
+    adapter = _RoundStrategy(_fit_ins(by_node, names, uniform), counting)  # type: ignore[arg-type]
     state = RecordDict(
         {
             MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
@@ -278,6 +270,20 @@ def secure_round(
         out.replies.append(Message(content, reply_to=by_node[proxy.node_id]))
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _fit_ins(by_node: dict[int, Message], names: list[str], uniform: bool) -> dict[int, Any]:
+    """Each node's train message as the legacy ``FitIns`` the workflow hands out: the
+    arrays in ``names`` order, and the names and the weighting in the config."""
+    fitins = {}
+    for nid, m in by_node.items():
+        config = dict(m.content[CONFIG_KEY])
+        config[ARRAY_NAMES_KEY] = "\n".join(names)
+        config[UNIFORM_KEY] = int(uniform)
+        record = m.content[ARRAYS_KEY]
+        params = Parameters(tensors=[record[n].data for n in names], tensor_type="numpy.ndarray")
+        fitins[nid] = FitIns(params, config)  # type: ignore[arg-type]
+    return fitins
 
 
 def _int_or_share(x: float) -> int | float:

@@ -1,7 +1,10 @@
 """Run a federated RAG fine-tuning simulation on Flower's Ray backend.
 
+:class:`FederatedSession` is one federation: it connects to Ray, prepares the federation,
+then trains the rounds (``run_federated``) or runs a task on it (federated retrieval).
+
 The driver holds data, arrays and Flower's server loop — never a model: the global index
-is embedded once by a client actor (``client_app.server_task``) and saved; the per-client
+is embedded once by a client actor (``client_tasks.prepare``) and saved; the per-client
 private shards are sliced from its embeddings here (NumPy and FAISS only), saved, and
 loaded lazily by whichever actor serves the client; server-side evaluation runs on an
 actor too. So this process imports neither torch nor transformers (``results.json``
@@ -12,6 +15,7 @@ pool that fits (see ``ray_backend``) and leaves Ray running for its owner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,34 +24,51 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json, npz_bytes
-from fedrag_ray.config import ExperimentConfig
+from fedrag_ray.config import ExperimentConfig, recall_metric_names
 from fedrag_ray.data import RagDataset, load_dataset_from_config
-from fedrag_ray.federated.client_app import global_store_path, make_client_app, store_dir
+from fedrag_ray.federated.client_app import make_client_app
+from fedrag_ray.federated.client_runtime import global_store_path, store_dir
 from fedrag_ray.federated.knowledge import public_store_path
 from fedrag_ray.federated.ray_backend import SimulationNodes, fedrag_backend
-from fedrag_ray.federated.ray_head import lean_local_head, workers_at_driver_niceness
+from fedrag_ray.federated.ray_head import start_or_join_ray
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
 from fedrag_ray.federated.sampling import client_partitions
 from fedrag_ray.federated.server_app import (
     FederatedServer,
-    InferenceFn,
+    FederationTask,
+    ServerResult,
     make_server_app,
     process_tree_rss,
 )
 from fedrag_ray.federated.store_access import check_store_roots
 from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStore, read_manifest
 from fedrag_ray.provenance import check_provenance, shard_provenance
-from fedrag_ray.runtime import configure_process, quiet_env, verbose
+from fedrag_ray.runtime import configure_process, quiet_env, quiet_warnings, verbose
 
 SHARD_WRITERS = 8  # concurrent shard saves: the fsyncs of KnowledgeStore.save overlap
+
+
+def reusable(path: Path, want: dict[str, Any]) -> bool:
+    """A shard on disk is reused if its manifest records ``want`` (this partition,
+    corpus, encoder and index), else the run stops naming what changed."""
+    if not (path / MANIFEST).exists():
+        return False
+    check_provenance(
+        path,
+        read_manifest(path).get("provenance") or {},
+        want,
+        f"delete {path.parent} or set federation.shard_dir to a new directory",
+    )
+    return True
 
 
 def build_client_shards(
@@ -79,17 +100,6 @@ def build_client_shards(
     expected = shard_provenance(cfg, store.provenance)
     jobs: list[tuple[Path, list[int], dict[str, Any]]] = []
 
-    def reusable(path: Path, want: dict[str, Any]) -> bool:
-        if not (path / MANIFEST).exists():
-            return False
-        check_provenance(
-            path,
-            read_manifest(path).get("provenance") or {},
-            want,
-            f"delete {path.parent} or set federation.shard_dir to a new directory",
-        )
-        return True
-
     if fed.knowledge == "both":
         want = shard_provenance(cfg, store.provenance, role="public")
         if public and not reusable(public_store_path(root), want):
@@ -105,7 +115,7 @@ def build_client_shards(
         if idx:  # knowledge both: a client without own passages searches the public store
             jobs.append((path, idx, expected))
 
-    def build(job: tuple[Path, list[int], dict[str, Any]]) -> None:
+    def build(job: tuple[Path, list[int], dict[str, Any]]) -> None:  # one shard's save
         path, idx, provenance = job
         n_shards = ks.n_shards if provenance["role"] == "public" else 1
         shard = KnowledgeStore.from_config(store.dim, ks.model_copy(update={"n_shards": n_shards}))
@@ -129,35 +139,9 @@ def forwarded_env() -> dict[str, str]:
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Start or join Ray; returns True when this call started it (and must stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "log_to_driver": True,
-        "runtime_env": {"env_vars": {**quiet_env(), **forwarded_env()}},
-    }
-    if address:
-        kwargs["address"] = address
-    else:
-        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
-        # Ray prestarts one idle Python worker per CPU for the first driver; the client
-        # actors never reuse them (they start with the job's runtime env), so they only
-        # sat there holding ~85 MiB each.
-        kwargs["_system_config"] = {"prestart_worker_first_driver": False}
-        workers_at_driver_niceness()
-    with warnings.catch_warnings():
-        # Ray's notice that it may stop hiding GPUs from num_gpus=0 actors; it still does,
-        # which is what keeps CPU-only actors off a GPU.
-        warnings.filterwarnings("ignore", message=".*accelerator visible devices.*")
-        if address:
-            ray.init(**kwargs)
-        else:
-            with lean_local_head():  # no autoscaler monitor, no dashboard API server
-                ray.init(**kwargs)
-    return True
+    """Start or join Ray for a run, with the run's environment on every worker; True
+    when this call started it (and must stop it)."""
+    return start_or_join_ray(address, num_cpus, env_vars={**quiet_env(), **forwarded_env()})
 
 
 def _client_nodes(history: list[dict[str, Any]]) -> dict[str, int]:
@@ -190,8 +174,11 @@ def run_federated(
     pool is sized from the whole cluster and it shuts Ray down at the end."""
     from fedrag_ray.tracking import track_federated
 
+    def train(cfg: ExperimentConfig, output: str | Path | None, **kwargs: Any) -> dict[str, Any]:
+        return FederatedSession(cfg, output, **kwargs).train()
+
     return track_federated(
-        _run_federated,
+        train,
         cfg,
         output,
         on_round,
@@ -203,198 +190,301 @@ def run_federated(
     )
 
 
-def _run_federated(
-    cfg: ExperimentConfig,
-    output: str | Path | None = None,
-    address: str | None = None,
-    resume: bool = False,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-    on_phase: Callable[[str], None] | None = None,
-    num_cpus: int | None = None,
-    stock_backend: bool = False,
-    inference: InferenceFn | None = None,
-) -> dict[str, Any]:
-    fed = cfg.federation
-    if fed is None:
-        raise ValueError("config has no federation: section; use `fedrag-ray train`")
-    phase = on_phase or (lambda _m: None)
-    configure_process()
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Flower's notices (run_simulation deprecated, no federated evaluation) are not the
-    # user's concern: evaluation is server-side by design.
-    logging.getLogger("flwr").setLevel(logging.WARNING if verbose() else logging.ERROR)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    t_start = time.perf_counter()
-    run_dir = Path(output) if output else Path(tempfile.mkdtemp(prefix="fedrag-ray-"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume and not (run_dir / "checkpoint" / "meta.json").exists():
-        raise FileNotFoundError(f"--resume: {run_dir} holds no complete checkpoint")
-    cfg_json = cfg.model_dump_json()
-    run_id = uuid.uuid4().hex[:12]  # names this run's shard actors (index_service)
+@dataclass
+class Layout:
+    """Where a run's clients run and its stores live, settled before any model work."""
 
-    # Join (or start) Ray and check that the client resources fit *before* the slow data
-    # and model preparation, so an impossible request fails in seconds, not minutes.
-    phase("connecting to Ray")
-    started_ray = _init_ray(address, num_cpus)
-    served: list[Any] = []  # shard-actor services started for this run (serve: actors)
-    try:
-        slots = cluster_client_slots(fed.client_resources)
-        num_actors = fed.num_actors or min(slots, fed.sampled)
+    slots: int  # client slots the cluster (or the Tune trial) offers
+    num_actors: int
+    stores_root: Path
+    global_path: Path
+    nodes_checked: int  # nodes that proved they read the store root
 
-        stores_root = Path(fed.shard_dir) if fed.shard_dir else run_dir / "stores"
-        stores_root.mkdir(parents=True, exist_ok=True)
-        global_path = global_store_path(cfg, stores_root)
-        global_path.parent.mkdir(parents=True, exist_ok=True)
-        phase("checking that every client node reads the store root")
-        nodes_checked = check_store_roots([stores_root, global_path.parent], fed.client_resources)
 
-        phase("loading data")
-        data = load_dataset_from_config(cfg.data)
-        shards_built: list[int] = []
-        shard_actors: list[dict[str, Any]] = []
-        t = time.perf_counter()
-        partitions = client_partitions(cfg, data.train)
-        partition_seconds = time.perf_counter() - t
+class FederatedSession:
+    """One federation on Ray: connect, check the cluster, load and partition the data,
+    have a client actor prepare the models and the global index, build the private
+    shards; then either :meth:`train` the rounds or :meth:`retrieve` (run a task such as
+    federated retrieval on the prepared federation). Ray is started here (embedded,
+    local) and stopped at the end, or joined (``address``) and left running; Flower's
+    backend gets exactly the actor pool that fits (``ray_backend``)."""
 
-        def prepare_knowledge() -> None:
-            """After an actor saved the global index: slice the private shards from it,
-            and start the shard actors that serve it (``serve: actors``)."""
-            if fed.knowledge != "global":
-                phase(f"building private shards for {fed.num_clients} clients")
-                store = KnowledgeStore.load(global_path)
-                shards_built.append(build_client_shards(cfg, data, store, stores_root, partitions))
-            if cfg.knowledge_store.serve == "actors":
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        output: str | Path | None = None,
+        *,
+        address: str | None = None,
+        resume: bool = False,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+        on_phase: Callable[[str], None] | None = None,
+        num_cpus: int | None = None,
+        stock_backend: bool = False,
+    ) -> None:
+        if cfg.federation is None:
+            raise ValueError("config has no federation: section; use `fedrag-ray train`")
+        self.cfg = cfg
+        self.fed = cfg.federation
+        self.output = output
+        self.address = address
+        self.resume = resume
+        self.on_round = on_round
+        self.phase = on_phase or (lambda _m: None)
+        self.num_cpus = num_cpus
+        self.stock_backend = stock_backend
+        self.cfg_json = cfg.model_dump_json()
+        self.run_id = uuid.uuid4().hex[:12]  # names this run's shard actors (index_service)
+        self.served: list[Any] = []  # shard-actor services started for this run
+        self.shard_actors: list[dict[str, Any]] = []
+        self.shards_built = 0
+
+    def train(self) -> dict[str, Any]:
+        """Train the configured rounds; the run's summary (also ``results.json``)."""
+        return self._run(None)
+
+    def retrieve(self, task: FederationTask) -> dict[str, Any]:
+        """Run ``task`` on the prepared federation instead of training; its results, with
+        the shard actors and the store-root check."""
+        return self._run(task)
+
+    def _run(self, task: FederationTask | None) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        run_dir = self._run_dir()
+        # Join (or start) Ray and check that the client resources fit *before* the slow
+        # data and model preparation, so an impossible request fails in seconds.
+        self.phase("connecting to Ray")
+        with quiet_warnings(), self._ray():
+            layout = self._layout(run_dir)
+            self.phase("loading data")
+            data = load_dataset_from_config(self.cfg.data)
+            t = time.perf_counter()
+            partitions = client_partitions(self.cfg, data.train)
+            partition_seconds = time.perf_counter() - t
+            setup_seconds = time.perf_counter() - t_start
+            server = FederatedServer(
+                self.cfg,
+                self.cfg_json,
+                str(run_dir),
+                resume=self.resume,
+                on_round=self.on_round,
+                prepare_knowledge=lambda: self._prepare_knowledge(data, partitions, layout),
+                on_phase=self.phase,
+                nodes=SimulationNodes(),
+                partitions=partitions,
+                task=task,
+            )
+            t_sim = time.perf_counter()
+            result = self._simulate(server, layout)
+            if result.task is not None:
+                return {
+                    **result.task,
+                    "shard_actors": self.shard_actors,
+                    "store_root_nodes_checked": layout.nodes_checked,
+                }
+            import ray
+
+            actor_nodes = _client_nodes(result.history) if ray.is_initialized() else {}
+            sim_seconds = time.perf_counter() - t_sim
+        timings = {
+            "setup_s": setup_seconds,
+            "simulation_s": sim_seconds,
+            "partition_s": partition_seconds,
+        }
+        return self._finish(run_dir, layout, result, actor_nodes, timings, t_start)
+
+    # ------------------------------------------------------------------ steps
+
+    def _run_dir(self) -> Path:
+        """The output directory (a temporary one without ``output``); on resume it must
+        hold a complete checkpoint."""
+        configure_process(own_process=False)  # warnings: scoped by _run (quiet_warnings)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        # Flower's notices (run_simulation deprecated, no federated evaluation) are not
+        # the user's concern: evaluation is server-side by design.
+        logging.getLogger("flwr").setLevel(logging.WARNING if verbose() else logging.ERROR)
+        run_dir = Path(self.output) if self.output else Path(tempfile.mkdtemp(prefix="fedrag-ray-"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume and not (run_dir / "checkpoint" / "meta.json").exists():
+            raise FileNotFoundError(f"--resume: {run_dir} holds no complete checkpoint")
+        return run_dir
+
+    @contextlib.contextmanager
+    def _ray(self) -> Iterator[None]:
+        """Ray for the run: started here (and shut down at the end) or joined; the shard
+        actors this run started are stopped on every way out."""
+        started_ray = _init_ray(self.address, self.num_cpus)
+        try:
+            yield
+        finally:
+            if self.served:
                 from fedrag_ray import index_service
 
-                served_paths = [global_path]
-                if fed.knowledge == "both" and (public_store_path(stores_root) / MANIFEST).exists():
-                    served_paths.append(public_store_path(stores_root))
-                for path in served_paths:
-                    phase(f"starting shard actors for {path}")
-                    handle, infos = index_service.start(
-                        path,
-                        cfg.knowledge_store.serve_cpus,
-                        name=index_service.service_name(path, run_id),
-                    )
-                    served.append(handle)
-                    shard_actors.extend({**i, "store": path.name} for i in infos)
+                for handle in self.served:
+                    index_service.stop(handle)
+            if started_ray:
+                import ray
 
-        setup_seconds = time.perf_counter() - t_start
-        results: dict[str, Any] = {}
-        nodes = SimulationNodes()
-        server = FederatedServer(
-            cfg,
-            cfg_json,
-            str(run_dir),
-            results,
-            resume=resume,
-            on_round=on_round,
-            prepare_knowledge=prepare_knowledge,
-            on_phase=phase,
-            nodes=nodes,
-            partitions=partitions,
-            inference=inference,
-        )
+                ray.shutdown()
+
+    def _layout(self, run_dir: Path) -> Layout:
+        """Client slots and actors; the store root, checked readable on every client node."""
+        fed = self.fed
+        slots = cluster_client_slots(fed.client_resources)
+        stores_root = Path(fed.shard_dir) if fed.shard_dir else run_dir / "stores"
+        stores_root.mkdir(parents=True, exist_ok=True)
+        global_path = global_store_path(self.cfg, stores_root)
+        global_path.parent.mkdir(parents=True, exist_ok=True)
+        self.phase("checking that every client node reads the store root")
+        checked = check_store_roots([stores_root, global_path.parent], fed.client_resources)
+        num_actors = fed.num_actors or min(slots, fed.sampled)
+        return Layout(slots, num_actors, stores_root, global_path, checked)
+
+    def _prepare_knowledge(
+        self, data: RagDataset, partitions: list[list[int]], layout: Layout
+    ) -> None:
+        """After an actor saved the global index: slice the private shards from it, and
+        start the shard actors that serve it (``serve: actors``)."""
+        fed = self.fed
+        if fed.knowledge != "global":
+            self.phase(f"building private shards for {fed.num_clients} clients")
+            store = KnowledgeStore.load(layout.global_path)
+            self.shards_built += build_client_shards(
+                self.cfg, data, store, layout.stores_root, partitions
+            )
+        if self.cfg.knowledge_store.serve != "actors":
+            return
+        from fedrag_ray import index_service
+
+        paths = [layout.global_path]
+        public = public_store_path(layout.stores_root)
+        if fed.knowledge == "both" and (public / MANIFEST).exists():
+            paths.append(public)
+        for path in paths:
+            self.phase(f"starting shard actors for {path}")
+            name = index_service.service_name(path, self.run_id)
+            handle, infos = index_service.start(path, self.cfg.knowledge_store.serve_cpus, name)
+            self.served.append(handle)
+            self.shard_actors.extend({**i, "store": path.name} for i in infos)
+
+    def _simulate(self, server: FederatedServer, layout: Layout) -> ServerResult:
+        """Flower's simulation engine on Ray, with fedrag_ray's backend; the server's
+        result, or its error raised here."""
+        from flwr.simulation import run_simulation
+
+        fed = self.fed
         backend_config = {
             "client_resources": ray_client_resources(fed.client_resources),
             "fedrag": {
-                "num_actors": num_actors,
+                "num_actors": layout.num_actors,
                 "client_step": fed.client_step,
-                "backend": "flower-stock" if stock_backend else "fedrag_ray",
+                "backend": "flower-stock" if self.stock_backend else "fedrag_ray",
                 "shutdown_ray": False,
                 "env_vars": {**quiet_env(), **forwarded_env()},
             },
         }
-        phase(f"simulating {fed.num_clients} clients on {num_actors} Ray actors")
-        import ray
-        from flwr.simulation import run_simulation
-
-        t_sim = time.perf_counter()
-        with fedrag_backend(nodes, stock=stock_backend):
+        self.phase(f"simulating {fed.num_clients} clients on {layout.num_actors} Ray actors")
+        with fedrag_backend(server.nodes, stock=self.stock_backend), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # run_simulation's own
             run_simulation(
                 server_app=make_server_app(server),
-                client_app=make_client_app(cfg_json, str(stores_root), run_id),
+                client_app=make_client_app(self.cfg_json, str(layout.stores_root), self.run_id),
                 num_supernodes=fed.num_clients,
                 backend_config=backend_config,
             )
-        if "error" in results:
-            raise RuntimeError(f"federated run failed: {results['error']}") from results["error"]
-        if inference is not None:
-            results["shard_actors"] = shard_actors
-            results["store_root_nodes_checked"] = nodes_checked
-            return results
-        if "history" not in results:
+        if server.error is not None:
+            raise RuntimeError(f"federated run failed: {server.error}") from server.error
+        if server.result is None:
             raise RuntimeError("federated run ended without results (see the log above)")
-        actor_nodes = _client_nodes(results["history"]) if ray.is_initialized() else {}
-        sim_seconds = time.perf_counter() - t_sim
-    finally:
-        if served:
-            from fedrag_ray import index_service
+        return server.result
 
-            for handle in served:
-                index_service.stop(handle)
-        if started_ray:
-            import ray
+    def _finish(
+        self,
+        run_dir: Path,
+        layout: Layout,
+        result: ServerResult,
+        actor_nodes: dict[str, int],
+        timings: dict[str, float],
+        t_start: float,
+    ) -> dict[str, Any]:
+        """The run's summary: written to ``results.json`` with the final arrays and plots."""
+        summary = run_summary(
+            self.cfg,
+            layout,
+            result,
+            backend="flower-stock" if self.stock_backend else "fedrag_ray",
+            actor_nodes=actor_nodes,
+            shard_actors=self.shard_actors,
+            timings={
+                **timings,
+                "discovery_s": result.timings.get("discovery_seconds", 0.0),
+                "prepare_s": result.timings.get("prepare_seconds", 0.0),
+                "index_s": result.timings.get("index_seconds", 0.0),
+                "shards_s": result.timings.get("shards_seconds", 0.0),
+                "first_round_started_at": result.timings.get("first_round_started_at"),
+                "total_s": time.perf_counter() - t_start,
+                "shards_built": self.shards_built,
+            },
+        )
+        atomic_write_json(run_dir / "results.json", summary)
+        atomic_write_bytes(run_dir / "trainable_state.npz", npz_bytes(result.final_arrays))
+        _plots(summary, run_dir)
+        summary["final_arrays"] = result.final_arrays
+        summary["output"] = str(run_dir)
+        return summary
 
-            ray.shutdown()
 
-    history = results["history"]
+def run_summary(
+    cfg: ExperimentConfig,
+    layout: Layout,
+    result: ServerResult,
+    backend: str,
+    actor_nodes: dict[str, int],
+    shard_actors: list[dict[str, Any]],
+    timings: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``results.json`` says about a federated run."""
+    fed = cfg.federation
+    assert fed is not None
+    history = result.history
     rounds = [h for h in history if h["round"] > 0]
     first, last = history[0], history[-1]
-    summary = {
+    return {
         "mode": "federated",
         "name": cfg.name,
         "seed": cfg.seed,
         "method": cfg.train.method,
         "num_clients": fed.num_clients,
         "clients_per_round": fed.sampled,
-        "num_actors": num_actors,
+        "num_actors": layout.num_actors,
         "client_step": fed.client_step,
-        "backend": "flower-stock" if stock_backend else "fedrag_ray",
-        "cluster_client_slots": slots,
+        "backend": backend,
+        "cluster_client_slots": layout.slots,
         "strategy": fed.strategy.name,
         "knowledge": fed.knowledge,
         "partition": fed.partition.model_dump(),
         "rounds": fed.rounds,
-        "resumed_from_round": results.get("resumed_from_round", 0),
+        "resumed_from_round": result.resumed_from_round,
         "history": history,
         "metrics_before": _quality(first),
         "metrics_after": _quality(last),
         "bytes_per_round": float(np.mean([h["bytes_sent"] + h["bytes_received"] for h in rounds]))
         if rounds
         else 0.0,
-        "full_model_bytes": results["full_model_bytes"],
-        "trainable_bytes": int(sum(v.nbytes for v in results["final_arrays"].values())),
+        "full_model_bytes": result.full_model_bytes,
+        "trainable_bytes": int(sum(v.nbytes for v in result.final_arrays.values())),
         "failures": int(sum(h["failed"] for h in rounds)),
-        "privacy": results.get("privacy"),
-        "secure_aggregation": results.get("secure_aggregation"),
+        "privacy": result.privacy,
+        "secure_aggregation": result.secure_aggregation,
         "actor_nodes": actor_nodes,
-        "store_root_nodes_checked": nodes_checked,
+        "store_root_nodes_checked": layout.nodes_checked,
         "shard_actors": [
             {"shard": i["shard"], "node_id": i["node_id"], "pid": i["pid"]} for i in shard_actors
         ],
-        "timings": {
-            "setup_s": setup_seconds,
-            "simulation_s": sim_seconds,
-            "partition_s": partition_seconds,
-            "discovery_s": results.get("discovery_seconds", 0.0),
-            "prepare_s": results.get("prepare_seconds", 0.0),
-            "index_s": results.get("index_seconds", 0.0),
-            "shards_s": results.get("shards_seconds", 0.0),
-            "first_round_started_at": results.get("first_round_started_at"),
-            "total_s": time.perf_counter() - t_start,
-            "shards_built": sum(shards_built),
-        },
+        "timings": timings,
         "driver_imported_torch": "torch" in sys.modules,
         "peak_rss_bytes": max([h.get("peak_rss_bytes", 0) for h in rounds] + [process_tree_rss()]),
-        "config": json.loads(cfg_json),
+        "config": json.loads(cfg.model_dump_json()),
     }
-    atomic_write_json(run_dir / "results.json", summary)
-    atomic_write_bytes(run_dir / "trainable_state.npz", npz_bytes(results["final_arrays"]))
-    _plots(summary, run_dir)
-    summary["final_arrays"] = results["final_arrays"]
-    summary["output"] = str(run_dir)
-    return summary
 
 
 def _quality(row: dict[str, Any]) -> dict[str, float]:
@@ -412,7 +502,8 @@ def _plots(summary: dict[str, Any], run_dir: Path) -> None:
     from fedrag_ray.plots import metrics_vs_round
 
     hist = summary["history"]
-    keys = [k for k in ("recall@5", "mrr", "accuracy", "f1") if k in hist[0]]
+    recalls = recall_metric_names(summary["config"]["eval"]["k_values"])
+    keys = [k for k in (*recalls, "mrr", "accuracy", "f1") if k in hist[0]]
     metrics_vs_round(hist, keys, run_dir / "metrics_vs_round.png", "server-side evaluation")
     rounds = [
         {
