@@ -52,8 +52,10 @@ def run_centralized(
     on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """One-site fine-tuning; a ``tracking:`` section also logs it (fedrag_ray.tracking)."""
+    from fedrag_ray.compat import check_versions
     from fedrag_ray.tracking import track_centralized
 
+    check_versions()  # peft's private hooks: the tested version
     return track_centralized(_run_centralized, cfg, output, on_step, on_phase)
 
 

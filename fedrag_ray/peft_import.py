@@ -6,7 +6,8 @@ torch's inductor stack: ~45 MiB resident and ~1 s per process, paid by every Ray
 federation although nothing is quantized. ``import_peft(quantized=False)`` hides the package
 while peft is first imported, so peft records it as unavailable. A quantized model later in
 the same process calls ``import_peft(quantized=True)``, which imports bitsandbytes and makes
-peft look again, so LoRA dispatches onto 4-/8-bit layers as before.
+peft look again, so LoRA dispatches onto 4-/8-bit layers as before. The two peft internals
+this needs are reached through ``fedrag_ray.compat``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import importlib
 import sys
 from types import ModuleType
+
+from fedrag_ray import compat
 
 _BNB = "bitsandbytes"
 
@@ -23,29 +26,15 @@ def import_peft(quantized: bool = False) -> ModuleType:
     if quantized:
         import bitsandbytes
 
-        _make_peft_see(bitsandbytes)
+        compat.make_peft_see_bitsandbytes(bitsandbytes)
         return importlib.import_module("peft")
     if "peft" in sys.modules or _BNB in sys.modules:
         return importlib.import_module("peft")  # already decided in this process
     sys.modules[_BNB] = None  # type: ignore[assignment]  # import -> ImportError, find_spec -> None
     try:
         peft = importlib.import_module("peft")
-        from peft.import_utils import is_bnb_available
-
-        is_bnb_available()  # peft caches "unavailable" for its LoRA dispatch
+        compat.cache_peft_bitsandbytes_unavailable()  # for peft's LoRA dispatch
     finally:
         if _BNB in sys.modules and sys.modules[_BNB] is None:
             del sys.modules[_BNB]
     return peft
-
-
-def _make_peft_see(bnb: ModuleType) -> None:
-    """Undo a hidden import: peft caches bitsandbytes' availability with ``lru_cache`` and
-    ``peft.helpers`` binds the module (or None) at import."""
-    utils = sys.modules.get("peft.import_utils")
-    if utils is not None:
-        utils.is_bnb_available.cache_clear()
-        utils.is_bnb_4bit_available.cache_clear()
-    helpers = sys.modules.get("peft.helpers")
-    if helpers is not None and getattr(helpers, "bnb", None) is None:
-        helpers.bnb = bnb

@@ -215,6 +215,9 @@ def run_sweep(
 ) -> dict[str, Any]:
     import ray
 
+    from fedrag_ray.compat import check_versions
+
+    check_versions()
     raw = load_raw(config)
     if overrides:
         raw = apply_overrides(raw, overrides)

@@ -1,7 +1,8 @@
 """Flower's Ray simulation backend, adjusted so it can live inside a bigger Ray program.
 
-Flower 1.41's ``RayBackend`` (a private API, hence the exact ``flwr==1.41.0`` pin and a
-test that fails if these hooks move) makes three choices that break fedrag_ray's uses:
+Flower 1.41's ``RayBackend`` (a private API: every internal used here is reached through
+``fedrag_ray.compat``, which lists them, checks the versions and tests each) makes three
+choices that break fedrag_ray's uses:
 
 1. it sizes its actor pool from the *whole cluster* (``pool_size_from_resources``). Inside
    a Ray Tune trial whose placement group holds fewer slots, the extra actors never get
@@ -46,16 +47,13 @@ from typing import Any
 
 import ray
 from flwr.app import Message, RecordDict
-from flwr.app.message.message import make_message
-from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.fleet.vce.backend import raybackend
-from flwr.simulation.ray_transport.ray_actor import BasicActorPool, VirtualClientEngineActor
-from flwr.supercore import log
-from flwr.supercore.date import now
 
+from fedrag_ray import compat
 from fedrag_ray.federated.protocol import ARRAYS_KEY
 
-FLWR_VERSION = "1.41.0"
+FLWR_VERSION = compat.TESTED_VERSIONS["flwr"]
+BasicActorPool, VirtualClientEngineActor = compat.flower_actor_classes()
+log = compat.flower_log
 
 
 class SimulationNodes:
@@ -159,7 +157,7 @@ class FedRagActorPool(BasicActorPool):
         return super().submit(actor_fn, job)
 
 
-class FedRagRayBackend(raybackend.RayBackend):
+class FedRagRayBackend(compat.flower_ray_backend_module().RayBackend):  # type: ignore[misc]
     def __init__(self, backend_config: dict[str, Any]) -> None:
         self.fedrag = dict(backend_config.get("fedrag") or {})
         super().__init__(backend_config)
@@ -188,7 +186,7 @@ class FedRagRayBackend(raybackend.RayBackend):
                 self._shared = (record, ray.put(record))
             ref = self._shared[1]
         rest = RecordDict({k: v for k, v in message.content.items() if k != ARRAYS_KEY})
-        return make_message(message.metadata, rest), [ref]
+        return compat.make_message(message.metadata, rest), [ref]
 
     def process_message(self, message: Any, context: Any) -> Any:
         if self.pool is None or self.app_fn is None or self._app_ref is None:
@@ -216,8 +214,6 @@ class FedRagRayBackend(raybackend.RayBackend):
             ray.shutdown()
 
 
-_flower_add_messages_to_queue = vce_api.add_messages_to_queue
-_flower_register_nodes = vce_api._register_nodes
 POLL_INTERVAL_S = 0.01
 
 
@@ -227,10 +223,10 @@ def _add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: A
     checks it (expired or invalid ones are deleted), stamped delivered, queued in
     partition order; every ``POLL_INTERVAL_S``. Only messages stored since the last
     cycle are looked at, so an idle cycle costs a set difference."""
-    store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
-    check = getattr(state, "_check_stored_messages", None)
-    if store is None or lock is None or check is None:  # not the in-memory LinkState
-        return _flower_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
+    internals = compat.linkstate_internals(state)
+    if internals is None:  # not the in-memory LinkState
+        return compat.flower_poller()(state, queue, nodes_mapping, f_stop)
+    store, lock, check = internals
     queued: set[str] = set()  # ids of messages this poller has queued (or dropped)
     while not f_stop.is_set():
         ready: list[Message] = []
@@ -255,7 +251,7 @@ def _add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: A
                         ready.append(m)
                         queued.add(mid)
                 ready.sort(key=lambda m: nodes_mapping[m.metadata.dst_node_id])
-                stamp = now().isoformat()
+                stamp = compat.flower_now().isoformat()
                 for m in ready:
                     m.metadata.delivered_at = stamp
             if len(queued) > 2 * len(store) + 10_000:
@@ -272,20 +268,16 @@ def fedrag_backend(nodes: SimulationNodes | None = None, stock: bool = False) ->
     ``_add_messages_to_queue`` (looked up when the engine starts its thread), unless
     ``stock``; and publish the registered nodes to ``nodes``."""
 
-    def register_nodes(*args: Any, **kwargs: Any) -> dict[int, int]:
-        mapping = _flower_register_nodes(*args, **kwargs)
-        if nodes is not None:
-            nodes.publish(mapping)
-        return mapping
+    def wrap(flower_register_nodes: Any) -> Any:
+        def register_nodes(*args: Any, **kwargs: Any) -> dict[int, int]:
+            mapping = flower_register_nodes(*args, **kwargs)
+            if nodes is not None:
+                nodes.publish(mapping)
+            return mapping
 
-    original = raybackend.RayBackend
-    vce_api._register_nodes = register_nodes  # type: ignore[assignment]
-    if not stock:
-        raybackend.RayBackend = FedRagRayBackend  # type: ignore[misc]
-        vce_api.add_messages_to_queue = _add_messages_to_queue  # type: ignore[assignment]
-    try:
+        return register_nodes
+
+    backend = None if stock else FedRagRayBackend
+    poller = None if stock else _add_messages_to_queue
+    with compat.flower_simulation_hooks(wrap, backend, poller):
         yield
-    finally:
-        raybackend.RayBackend = original  # type: ignore[misc]
-        vce_api.add_messages_to_queue = _flower_add_messages_to_queue  # type: ignore[assignment]
-        vce_api._register_nodes = _flower_register_nodes  # type: ignore[assignment]

@@ -9,9 +9,9 @@ reach the driver: that is the log monitor, which stays.
 
 Ray exposes no switch for either daemon on ``ray.init`` (``ray start`` has a hidden
 ``--no-monitor`` only), so :func:`lean_local_head` stubs the two ``Node`` methods that
-start them for the duration of one ``ray.init``. Clusters joined with ``--address`` are
-never touched. ``FEDRAG_RAY_FULL_RAY_HEAD=1`` starts the stock head (e.g. to use
-``ray status`` or ``ray list actors`` against a local run).
+start them for the duration of one ``ray.init`` (both internals: ``fedrag_ray.compat``).
+Clusters joined with ``--address`` are never touched. ``FEDRAG_RAY_FULL_RAY_HEAD=1`` starts
+the stock head (e.g. to use ``ray status`` or ``ray list actors`` against a local run).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import os
 import warnings
 from collections.abc import Iterator
 
+from fedrag_ray import compat
 from fedrag_ray.runtime import env_flag
 
 FULL_HEAD_ENV = "FEDRAG_RAY_FULL_RAY_HEAD"
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet a local ray.init starts
-SKIPPED_METHODS = ("start_monitor", "start_api_server")  # ray._private.node.Node
+SKIPPED_METHODS = compat.RAY_HEAD_DAEMON_METHODS  # of ray._private.node.Node
 
 
 def start_or_join_ray(
@@ -57,7 +58,7 @@ def start_or_join_ray(
         kwargs["address"] = address
     else:
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
-        kwargs["_system_config"] = {"prestart_worker_first_driver": False}
+        kwargs["_system_config"] = dict(compat.RAY_NO_PRESTART)
         workers_at_driver_niceness()
     with warnings.catch_warnings():
         # Ray's notice that it may stop hiding GPUs from num_gpus=0 actors; it still does,
@@ -86,19 +87,18 @@ def workers_at_driver_niceness() -> None:
 def lean_local_head() -> Iterator[None]:
     """Wrap the ``ray.init`` that starts a local head. A no-op when opted out or when this
     Ray's ``Node`` lacks the methods (``tests/test_ray_head.py`` then fails)."""
-    from ray._private import node
-
-    if env_flag(FULL_HEAD_ENV) or not all(m in vars(node.Node) for m in SKIPPED_METHODS):
+    node_class = None if env_flag(FULL_HEAD_ENV) else compat.ray_node_class()
+    if node_class is None:
         yield
         return
-    saved = {m: vars(node.Node)[m] for m in SKIPPED_METHODS}
+    saved = {m: vars(node_class)[m] for m in SKIPPED_METHODS}
     try:
         for m in SKIPPED_METHODS:
-            setattr(node.Node, m, _skip)
+            setattr(node_class, m, _skip)
         yield
     finally:
         for m, fn in saved.items():
-            setattr(node.Node, m, fn)
+            setattr(node_class, m, fn)
 
 
 def _skip(self: object, *args: object, **kwargs: object) -> None:

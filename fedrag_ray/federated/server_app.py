@@ -38,6 +38,7 @@ import psutil
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedrag_ray import compat
 from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.federated.checkpoint import (
     RoundCheckpoint,
@@ -483,11 +484,10 @@ class FederatedServer:
         """Flower's ``send_and_receive``; on the in-memory grid of a simulation, pulling
         only the messages that have a reply (see ``PULL_INTERVAL_S``)."""
         timeout = self.fed.round_timeout_s
-        state = getattr(grid, "state", None)
-        replied = getattr(state, "message_ins_id_to_message_res_id", None)
-        lock = getattr(state, "lock", None)
-        if replied is None or lock is None or not hasattr(grid, "pull_messages"):
+        internals = compat.grid_internals(grid)
+        if internals is None:
             return list(grid.send_and_receive(messages, timeout=timeout))
+        replied, lock = internals
         pending = set(grid.push_messages(messages))
         end = None if timeout is None else time.monotonic() + timeout
         full_pull_at = time.monotonic() + FULL_PULL_INTERVAL_S

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from fedrag_ray import compat
 from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json, npz_bytes
 from fedrag_ray.config import ExperimentConfig, recall_metric_names
 from fedrag_ray.data import RagDataset, load_dataset_from_config
@@ -223,6 +224,7 @@ class FederatedSession:
     ) -> None:
         if cfg.federation is None:
             raise ValueError("config has no federation: section; use `fedrag-ray train`")
+        compat.check_versions()  # Flower's and Ray's private hooks: the tested versions
         self.cfg = cfg
         self.fed = cfg.federation
         self.output = output
