@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install quickstart test lint clean
+.PHONY: install quickstart test test-fast lint clean
 
 # A machine that already has torch (e.g. a CUDA build on a GPU node) keeps it: the venv
 # then sees the system packages. Otherwise torch==2.13.0 goes in first (a CPU wheel here;
@@ -38,6 +38,11 @@ quickstart: $(STAMP)
 # actor start-up, a client on one core), so a second worker fills the idle core.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
+
+# The unit lane only (no Ray, no model; tests/conftest.py sorts tests into lanes): a few
+# minutes, for checking a change before `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal -m unit
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fedrag_ray tests benchmarks

@@ -114,3 +114,77 @@ def make_system(retriever, generator, small_store):
         )
 
     return _make
+
+
+# --------------------------------------------------------------------------- test lanes
+# Every test gets one or more of the markers registered in pyproject.toml, from what it
+# uses: `make test-fast` runs `-m unit` (no Ray, no model); `make test` runs them all.
+# Keyed on the test's fixtures and on the names its source calls (a test that starts a
+# federated run, a sweep, shard actors or a cluster, or that loads a model), so a new
+# test lands in the right lane without anyone remembering to mark it.
+MODEL_FIXTURES = {"retriever", "generator", "smollm2", "small_store", "make_system"}
+RAY_FIXTURES = {"ray_local", "cluster", "two_node_cluster", "tiny_config"}
+RAY_CALLS = (
+    "run_federated",
+    "run_federated_retrieval",
+    "run_sweep",
+    "index_service.",
+    "_init_ray",
+    "start_or_join_ray",
+    'cli("simulate"',
+    '"simulate"',
+    '"tune"',
+    "ray.init",
+    "simulate(",
+    "START_LOCAL_RAY",
+)
+MODEL_CALLS = (
+    "RAGSystem(",
+    "Generator(",
+    "BiEncoderRetriever(",
+    "TextEncoder(",
+    "SentenceTransformer(",
+    "run_centralized",
+    'cli("train"',
+    '"train",',
+    "export_run(",
+    "load_generator",
+    "build_store(",
+)
+
+
+def _lanes(item: pytest.Item) -> set[str]:
+    import inspect
+
+    fixtures = set(getattr(item, "fixturenames", ()))
+    try:
+        source = inspect.getsource(item.function)  # type: ignore[attr-defined]
+    except (OSError, TypeError, AttributeError):
+        source = ""
+    module = item.module.__name__.rpartition(".")[2] if item.module else ""  # type: ignore[attr-defined]
+    lanes = set()
+    if module.startswith("test_cluster_") and ("cluster" in fixtures or "tiny_config" in fixtures):
+        lanes.add("cluster")
+    if fixtures & RAY_FIXTURES or any(c in source for c in RAY_CALLS):
+        lanes.add("ray")
+    if fixtures & MODEL_FIXTURES or any(c in source for c in MODEL_CALLS):
+        lanes.add("real_model")
+    skip = item.get_closest_marker("skipif")
+    if skip is not None and "GPU" in str(skip.kwargs.get("reason", "")).upper().replace(
+        "CUDA", "GPU"
+    ):
+        lanes.add("gpu")
+    return lanes or {"unit"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        explicit = {m.name for m in item.iter_markers()} & {
+            "unit",
+            "ray",
+            "real_model",
+            "cluster",
+            "gpu",
+        }
+        for lane in explicit or _lanes(item):
+            item.add_marker(getattr(pytest.mark, lane))
