@@ -448,7 +448,9 @@ def _round_line(row: dict[str, Any]) -> str:
         ]
         if row.get("epsilon") is not None:  # differential privacy spent so far
             parts.append(f"ε {row['epsilon']:.3g} at δ {row['delta']:g}")
-    parts += [f"{k} {_fmt(row[k])}" for k in ("recall@5", "accuracy", "f1") if k in row]
+    parts += [
+        f"{k} {_fmt(row[k])}" for k in ("recall@5", "accuracy", "exact_match", "f1") if k in row
+    ]
     return " | ".join(parts)
 
 
@@ -598,14 +600,22 @@ def data_download(
     mirror: str | None = typer.Option(
         None, help="Base URL holding the same files (checksums are still verified)"
     ),
+    if_missing: bool = typer.Option(
+        False, "--if-missing", help="Do nothing when the dataset's files are already there"
+    ),
 ) -> None:
     """Fetch a dataset from its official address, verify its checksum, and install it in
     the data directory the bundled configs read (``data:`` paths)."""
 
     def go() -> None:
+        from fedrag_ray.data import data_dir
         from fedrag_ray.download import DATASETS, download
 
         ds = DATASETS.get(name)
+        root = directory or data_dir()
+        if if_missing and ds and all((root / o).exists() for o in ds.outputs):
+            console.print(f"{name}: already in {root}")
+            return
         with console.status(f"downloading {name}"):
             written = download(name, directory, mirror)
         for p in written:

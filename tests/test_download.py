@@ -108,3 +108,24 @@ def test_cli_rejects_a_mirror_with_other_bytes_and_unknown_names(tmp_path):
     cmd[5] = "imagenet"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown dataset 'imagenet'" in " ".join(proc.stderr.split())
+
+
+def test_if_missing_is_a_no_op_when_the_files_are_there(tmp_path):
+    target = tmp_path / "squad" / "squad-train-v1.1.json.gz"
+    target.parent.mkdir()
+    target.write_bytes(gzip.compress(_squad_doc()))
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedrag_ray.cli",
+        "data",
+        "download",
+        "squad",
+        "--dir",
+        str(tmp_path),
+        "--if-missing",
+        "--mirror",
+        "file:///nonexistent",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "already in" in proc.stderr
