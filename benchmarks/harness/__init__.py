@@ -17,6 +17,7 @@ from .env import OFFLINE_ENV, offline_env
 from .memory import SubprocessSampler, TreeCpu, TreeSampler, process_tree
 from .paths import DATA_DIR, PUBMEDQA, REPO, RESULTS, SCRATCH
 from .provenance import (
+    command,
     cpu_model,
     git,
     git_commit,
@@ -37,6 +38,7 @@ __all__ = [
     "SubprocessSampler",
     "TreeCpu",
     "TreeSampler",
+    "command",
     "cpu_model",
     "git",
     "git_commit",
