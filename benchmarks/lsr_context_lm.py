@@ -230,7 +230,7 @@ def federated(raw: dict[str, Any], steps: int, clients: int, rounds: int) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--warmup-steps", type=int, default=400)
     ap.add_argument("--lsr-steps", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)

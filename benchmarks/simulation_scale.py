@@ -306,6 +306,15 @@ def slope(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
+def at_most(
+    worst: float | None, limit: float, keys: tuple[str, str], **detail: Any
+) -> dict[str, Any]:
+    """A lower-is-better target's verdict: ``detail``, the worst measured value and the
+    limit (under ``keys``), and whether it is met."""
+    met = worst is not None and worst <= limit
+    return {**detail, keys[0]: worst, keys[1]: limit, "met": met}
+
+
 def verdicts(runs: list[dict[str, Any]], largest: int) -> dict[str, Any]:
     """Judged on fedrag_ray's runs; the stock runs are the baseline."""
     ours = [r for r in runs if r["backend"] == "fedrag_ray"]
@@ -319,12 +328,7 @@ def verdicts(runs: list[dict[str, Any]], largest: int) -> dict[str, Any]:
     at_largest = [r for r in noop if r["registered"] == largest and r.get("completed")]
     worst = max((r["setup_s"] for r in at_largest), default=None)
     limit = TARGETS["setup_s_at_largest"]
-    out["b_setup"] = {
-        "registered": largest,
-        "worst_setup_s": worst,
-        "limit_s": limit,
-        "met": worst is not None and worst <= limit,
-    }
+    out["b_setup"] = at_most(worst, limit, ("worst_setup_s", "limit_s"), registered=largest)
     slopes: dict[str, dict[str, float]] = {}
     for per_round in sorted({r["per_round"] for r in noop}):
         pts = [r for r in noop if r["per_round"] == per_round and r.get("completed")]
@@ -339,30 +343,21 @@ def verdicts(runs: list[dict[str, Any]], largest: int) -> dict[str, Any]:
             }
     worst_slope = max((s["total_kib_per_client"] for s in slopes.values()), default=None)
     limit = TARGETS["kib_per_registered_client"]
-    out["c_memory_growth"] = {
-        "per_per_round": slopes,
-        "worst_total_kib_per_client": worst_slope,
-        "limit_kib": limit,
-        "met": worst_slope is not None and worst_slope <= limit,
-    }
+    out["c_memory_growth"] = at_most(
+        worst_slope, limit, ("worst_total_kib_per_client", "limit_kib"), per_per_round=slopes
+    )
     at_1000 = [r for r in noop if r["per_round"] == 1000 and r.get("completed")]
     worst = max((r["engine_ms_per_task"] for r in at_1000), default=None)
     limit = TARGETS["engine_ms_per_task_at_1000"]
-    out["d_engine_cost"] = {
-        "per_registered": {str(r["registered"]): r["engine_ms_per_task"] for r in at_1000},
-        "worst_ms": worst,
-        "limit_ms": limit,
-        "met": worst is not None and worst <= limit,
-    }
+    per_registered = {str(r["registered"]): r["engine_ms_per_task"] for r in at_1000}
+    out["d_engine_cost"] = at_most(
+        worst, limit, ("worst_ms", "limit_ms"), per_registered=per_registered
+    )
     tiny = [r for r in ours if r["step"] == "tiny" and r.get("completed")]
     worst = max((r["round_over_ideal"] for r in tiny), default=None)
     limit = TARGETS["tiny_round_over_ideal"]
-    out["e_tiny_round_vs_ideal"] = {
-        "per_pair": {f"{r['registered']}x{r['per_round']}": r["round_over_ideal"] for r in tiny},
-        "worst": worst,
-        "limit": limit,
-        "met": worst is not None and worst <= limit,
-    }
+    per_pair = {f"{r['registered']}x{r['per_round']}": r["round_over_ideal"] for r in tiny}
+    out["e_tiny_round_vs_ideal"] = at_most(worst, limit, ("worst", "limit"), per_pair=per_pair)
     return out
 
 
