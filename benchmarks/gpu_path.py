@@ -39,7 +39,7 @@ def generator_throughput(model: str, quantization: str, device: str, steps: int)
         "context: " + "the trial measured outcomes in patients " * 20 + "question: is it?\nanswer:"
     ] * 8
     answers = ["yes, the outcome improved in the treated group"] * 8
-    ids, _, _ = gen.encode_pairs(prompts, answers)
+    ids = gen.encode_pairs(prompts, answers)[0]
     tokens = int(ids.numel())
     gen.model.train()
     loss = gen.loss(prompts, answers)  # warm-up
