@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import numpy as np
-from harness import RESULTS, offline_env, process_tree, write_result
+from harness import RESULTS, offline_env, write_result
 
 
 def generator_throughput(model: str, quantization: str, device: str, steps: int) -> dict[str, Any]:
@@ -74,6 +74,8 @@ def generator_throughput(model: str, quantization: str, device: str, steps: int)
     if device == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
+        from harness.memory import process_tree  # psutil: the CPU half only
+
         row["process_rss_mib"] = process_tree()[0].memory_info().rss / 2**20
     return row
 

@@ -186,6 +186,37 @@ def test_run_peer_and_the_harness_need_only_stdlib_and_psutil(tmp_path: Path) ->
     assert "harness" in third_party and third_party <= {"psutil", "harness", "run_peer"}
 
 
+NO_PSUTIL = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "psutil":
+            raise ImportError("psutil refused")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+import pathlib
+import harness
+path = harness.write_result("demo", {}, pathlib.Path(sys.argv[1]))
+print("psutil" in sys.modules, path.exists())
+"""
+
+
+def test_provenance_and_results_work_without_psutil(tmp_path: Path) -> None:
+    """gpu_path.py's GPU half runs on a lent machine whose image need not have psutil:
+    writing a result must not import it (the sampler does, on first use)."""
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(NO_PSUTIL), str(tmp_path)],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
+    assert json.loads((tmp_path / "demo.json").read_text())["machine"]["memory_gib"] > 0
+
+
 @pytest.mark.parametrize("name", ["RESULTS", "machine_info", "write_result", "versions"])
 def test_common_keeps_its_names(name: str) -> None:
     """Scripts that import ``common`` (run from benchmarks/) keep working."""

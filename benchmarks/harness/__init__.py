@@ -10,11 +10,14 @@
 A benchmark run as ``python benchmarks/<name>.py`` has ``benchmarks/`` first on its
 ``sys.path`` and imports ``harness`` like any package. ``peer/run_peer.py`` runs in the
 peer's own venv and loads this package by path; so everything here except ``plots`` uses
-only the standard library and psutil, and nothing imports fedrag_ray.
+only the standard library and psutil, and nothing imports fedrag_ray. psutil itself is
+imported only with ``memory`` (on first use of its names here): provenance and results
+work without it (the lent GPU machine's image need not have it).
 """
 
+from typing import Any
+
 from .env import OFFLINE_ENV, offline_env
-from .memory import SubprocessSampler, TreeCpu, TreeSampler, process_tree
 from .paths import DATA_DIR, PUBMEDQA, REPO, RESULTS, SCRATCH
 from .provenance import (
     command,
@@ -27,6 +30,17 @@ from .provenance import (
     versions,
 )
 from .results import write_json, write_result
+
+_MEMORY = ("SubprocessSampler", "TreeCpu", "TreeSampler", "process_tree")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MEMORY:
+        from . import memory
+
+        return getattr(memory, name)
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")
+
 
 __all__ = [
     "DATA_DIR",

@@ -17,8 +17,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from .paths import REPO
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "flwr", "ray", "faiss-cpu")
@@ -92,7 +90,7 @@ def machine_info(gpu: bool = True) -> dict[str, Any]:
     and (``gpu``) the CUDA device or None."""
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),
-        "memory_gib": psutil.virtual_memory().total / 1024**3,
+        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average_at_start": LOAD_AVERAGE_AT_START,
