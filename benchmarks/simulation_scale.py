@@ -17,11 +17,11 @@ a pair with no more registered and no more per-round clients already exceeded it
 ``--tiny`` pairs run again with the real tiny local step (``local_steps`` 2 at batch
 size 2, ``ralt.k`` 2) on fedrag_ray's backend: rounds vs ideal.
 
-Data: PubMedQA PQA-L questions (``pubmedqa/pqal_trainval.json`` under ``../shared/data``
-beside the repository or under ``FEDRAG_RAY_DATA``, when present, else the bundled sample)
-repeated as "(variant k)" into one ``qa_jsonl`` set of at least max(registered) questions,
-used by every run (so memory differences between runs are the engine's, not the data's);
-20 PubMed ids are held out for evaluation.
+Data: PubMedQA PQA-L questions (``pubmedqa/pqal_trainval.json`` in the data directory:
+``$FEDRAG_RAY_DATA``, or ``../shared/data`` beside the repository; ``fedrag-ray data
+download pubmedqa`` fetches it) repeated as "(variant k)" into one ``qa_jsonl`` set of at
+least max(registered) questions, used by every run (so memory differences between runs are
+the engine's, not the data's); 20 PubMed ids are held out for evaluation.
 Server-side evaluation (4 questions, no generation) runs after the last round only.
 
 Measured per run (each in its own subprocess, so memory is its own):
@@ -88,7 +88,12 @@ TARGETS = {
 def build_data(work: Path, min_train: int) -> dict[str, Any]:
     """qa_jsonl train/eval files and a corpus from PubMedQA, train questions repeated
     as "(variant k)" until there are at least ``min_train``."""
-    src = PUBMEDQA if PUBMEDQA.exists() else REPO / "fedrag_ray/data/pubmedqa_sample.json"
+    if not PUBMEDQA.exists():
+        raise SystemExit(
+            f"{PUBMEDQA} not found (the data directory is $FEDRAG_RAY_DATA or ../shared/data "
+            "beside the repository): run `fedrag-ray data download pubmedqa`"
+        )
+    src = PUBMEDQA
     raw = json.loads(src.read_text())
     pmids = sorted(raw)
     eval_ids, train_ids = pmids[:HELD_OUT_DOCS], pmids[HELD_OUT_DOCS:]

@@ -113,6 +113,19 @@ def test_write_result_is_atomic_and_starts_with_provenance(tmp_path: Path) -> No
     assert json.loads(path.read_text()) == {"replaced": True}
 
 
+def test_data_dir_is_the_one_fedrag_ray_reads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The harness mirrors ``fedrag_ray.data.data_dir`` (the peer's venv cannot import it):
+    a benchmark and the library it measures read the same files."""
+    from fedrag_ray.data import data_dir
+
+    monkeypatch.delenv("FEDRAG_RAY_DATA", raising=False)
+    assert harness.paths._data_dir() == data_dir()
+    monkeypatch.setenv("FEDRAG_RAY_DATA", str(tmp_path))
+    assert harness.paths._data_dir() == data_dir() == tmp_path
+
+
 def test_versions_records_missing_packages_only_when_asked() -> None:
     missing = "no-such-package-fedrag-ray-test"
     assert harness.versions(["psutil", missing]).keys() == {"psutil"}
