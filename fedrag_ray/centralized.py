@@ -14,11 +14,12 @@ from typing import Any
 from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json, npz_bytes
 from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.data import RagDataset, eval_examples, load_dataset_from_config
-from fedrag_ray.evaluate import evaluate
+from fedrag_ray.evaluate import Evaluation, evaluate_detailed
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.methods import local_train, make_optimizer, make_scheduler
 from fedrag_ray.rag import RAGSystem
 from fedrag_ray.runtime import seeded
+from fedrag_ray.stats import paired_gains
 
 
 def prepare_store(
@@ -45,18 +46,57 @@ def prepare_store(
     return store
 
 
+def load_init_state(system: RAGSystem, source: str | Path) -> list[str]:
+    """Load ``train.init_from`` (a run directory or a ``trainable_state.npz``) into the
+    system: every array whose name matches a parameter of the generator or the query
+    encoder, trained by this method or not. Returns the names loaded; none matching is an
+    error (a wrong file would otherwise be silently ignored)."""
+    import numpy as np
+    import torch
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "trainable_state.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    state = dict(np.load(path))
+    params = {
+        **{f"generator.{n}": p for n, p in system.generator.model.named_parameters()},
+        **{f"retriever.{n}": p for n, p in system.retriever.query_encoder.named_parameters()},
+    }
+    loaded = []
+    with torch.no_grad():
+        for name, value in state.items():
+            p = params.get(name)
+            if p is None or tuple(p.shape) != value.shape:
+                continue
+            p.copy_(torch.from_numpy(value).to(p.dtype))
+            loaded.append(name)
+    if not loaded:
+        raise ValueError(f"train.init_from: no array of {path} matches this system's parameters")
+    return loaded
+
+
 def run_centralized(
     cfg: ExperimentConfig,
     output: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    train_subset: list[int] | None = None,
 ) -> dict[str, Any]:
-    """One-site fine-tuning; a ``tracking:`` section also logs it (fedrag_ray.tracking)."""
+    """One-site fine-tuning; a ``tracking:`` section also logs it (fedrag_ray.tracking).
+
+    ``train_subset``: indices into the training questions to train on instead of all of
+    them — one federated client's partition trained alone (the local-only baseline)."""
     from fedrag_ray.compat import check_versions
     from fedrag_ray.tracking import track_centralized
 
     check_versions()  # peft's private hooks: the tested version
-    return track_centralized(_run_centralized, cfg, output, on_step, on_phase)
+
+    def run(*args: Any) -> dict[str, Any]:
+        return _run_centralized(*args, train_subset=train_subset)
+
+    return track_centralized(run, cfg, output, on_step, on_phase)
 
 
 def _train(
@@ -135,10 +175,26 @@ def _run_centralized(
     output: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    train_subset: list[int] | None = None,
 ) -> dict[str, Any]:
     """The run, with the global RNGs seeded by ``cfg.seed`` for its duration only."""
     with seeded(cfg.seed):
-        return _run_seeded(cfg, output, on_step, on_phase)
+        return _run_seeded(cfg, output, on_step, on_phase, train_subset)
+
+
+def _setup(
+    cfg: ExperimentConfig, train_subset: list[int] | None, phase: Callable[[str], None]
+) -> tuple[RagDataset, RAGSystem, list[str]]:
+    """The data (``train_subset``: one client's partition alone), the system and the
+    arrays loaded from ``train.init_from``."""
+    phase("loading data")
+    data = load_dataset_from_config(cfg.data)
+    if train_subset is not None:
+        data.train = [data.train[i] for i in train_subset]
+    phase("loading models")
+    system = RAGSystem(cfg)
+    init_loaded = load_init_state(system, cfg.train.init_from) if cfg.train.init_from else []
+    return data, system, init_loaded
 
 
 def _run_seeded(
@@ -146,14 +202,12 @@ def _run_seeded(
     output: str | Path | None,
     on_step: Callable[[int, float], None] | None,
     on_phase: Callable[[str], None] | None,
+    train_subset: list[int] | None,
 ) -> dict[str, Any]:
     phase = on_phase or (lambda _msg: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    phase("loading data")
-    data = load_dataset_from_config(cfg.data)
-    phase("loading models")
-    system = RAGSystem(cfg)
+    data, system, init_loaded = _setup(cfg, train_subset, phase)
     timings["setup_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -164,7 +218,7 @@ def _run_seeded(
     held = eval_examples(cfg, data)
     t = time.perf_counter()
     phase(f"evaluating before training ({len(held)} questions)")
-    before = evaluate(system, held, store) if cfg.eval.before else {}
+    before = evaluate_detailed(system, held, store) if cfg.eval.before else Evaluation({})
     timings["eval_before_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -173,7 +227,7 @@ def _run_seeded(
 
     t = time.perf_counter()
     phase("evaluating after training")
-    after = evaluate(system, held, store)
+    after = evaluate_detailed(system, held, store)
     timings["eval_after_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
@@ -186,8 +240,10 @@ def _run_seeded(
         "num_eval": len(held),
         "num_passages": len(data.passages),
         "steps": steps_done,
-        "metrics_before": before,
-        "metrics_after": after,
+        **_evaluation_results(cfg, before, after, held),
+        "init_from": {"path": cfg.train.init_from, "arrays": len(init_loaded)}
+        if cfg.train.init_from
+        else None,
         "loss_history": losses,
         "lr_history": lrs,
         "timings": timings,
@@ -200,3 +256,26 @@ def _run_seeded(
         _save(Path(output), cfg, system, losses, results)
     results["system"] = system  # in-process callers (tests) may inspect it; not serialised
     return results
+
+
+def _evaluation_results(
+    cfg: ExperimentConfig, before: Evaluation, after: Evaluation, held: list[Any]
+) -> dict[str, Any]:
+    """The metrics before and after, the paired gain and the per-question detail."""
+    ev = cfg.eval
+    return {
+        "metrics_before": before.metrics,
+        "metrics_after": after.metrics,
+        # after minus before on the same questions, with the paired bootstrap interval
+        "gain": paired_gains(
+            after.per_question,
+            before.per_question,
+            ev.bootstrap_samples,
+            ev.confidence,
+            ev.bootstrap_seed,
+        ),
+        "per_question_before": before.per_question,
+        "per_question_after": after.per_question,
+        "predictions_after": after.predictions,
+        "eval_ids": [e.id for e in held],
+    }

@@ -207,12 +207,16 @@ def prepare(rt: ClientRuntime, msg: Message) -> Message:
 
 def evaluate(rt: ClientRuntime, msg: Message) -> Message:
     """Server-side evaluation of the arrays sent, on the held-out questions."""
-    from fedrag_ray.evaluate import evaluate as evaluate_system
+    from fedrag_ray.evaluate import evaluate_detailed
+    from fedrag_ray.stats import join_per_question
 
     rt.system.load_trainable_state(from_record(msg.content[ARRAYS_KEY]))
-    metrics = evaluate_system(rt.system, rt.eval, rt.global_store_for_server())
+    ev = evaluate_detailed(rt.system, rt.eval, rt.global_store_for_server())
     release_free_memory()
-    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+    # per-question scores travel too: the server pairs the first and the last
+    # evaluation of the same questions for the gain's interval
+    record = MetricRecord(join_per_question(ev.metrics, ev.per_question))
+    return Message(RecordDict({METRICS_KEY: record}), reply_to=msg)
 
 
 def retrieve(rt: ClientRuntime, partition: int, msg: Message) -> Message:

@@ -64,6 +64,7 @@ from fedrag_ray.federated.protocol import (
     INDEX_SECONDS_KEY,
     METRICS_KEY,
     PARTITION_KEY,
+    PER_QUESTION_KEY,
     SCHEDULE_ROUNDS_KEY,
     SERVER_ROUND_KEY,
     TASK_EVALUATE,
@@ -79,6 +80,7 @@ from fedrag_ray.federated.sampling import ClientSampler
 from fedrag_ray.federated.secagg import max_weight, secure_round
 from fedrag_ray.federated.strategies import build_strategy, load_strategy_state, strategy_state
 from fedrag_ray.federated.validation import InvalidUpdate, check_arrays, split_valid
+from fedrag_ray.stats import split_per_question
 
 logger = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -529,9 +531,12 @@ class FederatedServer:
             content[ARRAYS_KEY] = to_record(arrays)
         return self.send_to_any_node(grid, content, f"server task {task!r}")
 
-    def evaluate(self, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(self, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The metrics of ``arrays`` (with interval bounds) and, under ``per_question``,
+        each question's scores (for the paired before/after interval)."""
         reply = self.server_task(grid, TASK_EVALUATE, arrays)
-        return {k: float(v) for k, v in reply.content[METRICS_KEY].items()}
+        scalars, per_question = split_per_question(dict(reply.content[METRICS_KEY].items()))
+        return {**scalars, PER_QUESTION_KEY: per_question}
 
 
 def _pid(reply: Message) -> int:

@@ -39,6 +39,7 @@ from fedrag_ray.data import RagDataset, load_dataset_from_config
 from fedrag_ray.federated.client_app import make_client_app
 from fedrag_ray.federated.client_runtime import global_store_path, store_dir
 from fedrag_ray.federated.knowledge import public_store_path
+from fedrag_ray.federated.protocol import PER_QUESTION_KEY
 from fedrag_ray.federated.ray_backend import SimulationNodes, fedrag_backend
 from fedrag_ray.federated.ray_head import start_or_join_ray
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
@@ -54,6 +55,7 @@ from fedrag_ray.federated.store_access import check_store_roots
 from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStore, read_manifest
 from fedrag_ray.provenance import check_provenance, shard_provenance
 from fedrag_ray.runtime import configure_process, quiet_env, quiet_warnings, verbose
+from fedrag_ray.stats import paired_gains
 
 SHARD_WRITERS = 8  # concurrent shard saves: the fsyncs of KnowledgeStore.save overlap
 
@@ -444,7 +446,8 @@ def run_summary(
     shard_actors: list[dict[str, Any]],
     timings: dict[str, Any],
 ) -> dict[str, Any]:
-    """What ``results.json`` says about a federated run."""
+    """What ``results.json`` says about a federated run. Long on purpose: one flat dict
+    literal, so the file's fields are read (and changed) in one place."""
     fed = cfg.federation
     assert fed is not None
     history = result.history
@@ -469,6 +472,16 @@ def run_summary(
         "history": history,
         "metrics_before": _quality(first),
         "metrics_after": _quality(last),
+        # last minus first evaluation on the same questions, paired bootstrap interval
+        "gain": paired_gains(
+            last.get(PER_QUESTION_KEY, {}),
+            first.get(PER_QUESTION_KEY, {}),
+            cfg.eval.bootstrap_samples,
+            cfg.eval.confidence,
+            cfg.eval.bootstrap_seed,
+        )
+        if len(history) > 1
+        else {},
         "bytes_per_round": float(np.mean([h["bytes_sent"] + h["bytes_received"] for h in rounds]))
         if rounds
         else 0.0,
