@@ -403,11 +403,12 @@ def _quality(row: dict[str, Any]) -> dict[str, float]:
 
 
 def _plots(summary: dict[str, Any], run_dir: Path) -> None:
-    from fedrag_ray.plots import metrics_vs_round
+    from fedrag_ray.plots import metrics_vs_round, run_story
 
     hist = summary["history"]
-    keys = [k for k in ("recall@5", "mrr", "accuracy", "f1") if k in hist[0]]
+    keys = [k for k in ("recall@5", "mrr", "accuracy", "exact_match", "f1") if k in hist[0]]
     metrics_vs_round(hist, keys, run_dir / "metrics_vs_round.png", "server-side evaluation")
+    run_story(hist, run_dir / "story.png", title=str(summary.get("config", {}).get("name", "run")))
     rounds = [
         {
             **h,
