@@ -90,7 +90,7 @@ def _panel(ax: Axes, rows: list[dict[str, Any]], key: str) -> None:
     before = next((r for r in rows if r["round"] == 0 and r.get(key) is not None), None)
     if before is not None:
         ax.axhline(before[key], ls="--", lw=1, color="0.4", label="before training")
-    _round_ticks(ax, rounds)
+    _round_ticks(ax, [r["round"] for r in rows])  # the same rounds on every panel
     _y_range(ax, key, values + [b[2] for b in band])
     ax.set_title(label(key))
     ax.grid(alpha=0.3)
