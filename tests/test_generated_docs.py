@@ -114,4 +114,5 @@ def test_readme_is_short_and_links_existing_docs() -> None:
     assert links, "the README links its docs pages"
     for link in links:
         assert (ROOT / link).exists(), link
-    assert not re.search(r"\b[0-9a-f]{7,40}\b", readme.split(report.START)[0]), "commit hash"
+    hashes = re.findall(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", readme)
+    assert not hashes, f"commit hashes in the README: {hashes}"
