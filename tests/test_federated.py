@@ -95,6 +95,7 @@ def test_simulate_cli_default_config_8_clients_3_rounds(tmp_path, tiny_data):
     assert all(h["peak_rss_bytes"] > 0 and h["seconds"] > 0 for h in rounds)
     assert (out / "metrics_vs_round.png").stat().st_size > 1000
     assert (out / "rounds.png").stat().st_size > 1000
+    assert (out / "story.png").stat().st_size > 1000
     assert (out / "checkpoint" / "meta.json").exists()
     # a virtual client is cheap: fewer actor processes than clients served
     pids = {c["actor-pid"] for h in rounds for c in h["clients"]}
