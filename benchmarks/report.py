@@ -443,6 +443,11 @@ def render_peer_fedrag(doc: Doc) -> str:
                 )
         out.append("\nTargets (peer / ours):\n\n")
         out.append(table(["target", "job", "ratio", "wanted", "met"], rows))
+    for key, heading in (("notes", "How it is measured"), ("peer_defect_notes", "The peer")):
+        if doc.get(key):
+            out.append(f"\n<details><summary>{heading}</summary>\n\n")
+            out.append("".join(f"- {' '.join(str(n).split())}\n" for n in doc[key]))
+            out.append("\n</details>\n")
     return "".join(out)
 
 
