@@ -32,18 +32,29 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where questions and passages come from.
 
+    ``squad``: SQuAD v1.1 JSON (``.json`` or ``.json.gz``); passages are every paragraph
+    of the file (open-domain retrieval), the gold passage is the question's paragraph, all
+    gold answers count, and the held-out questions are whole articles (``eval_fraction`` of
+    them) so no evaluation paragraph is trained on. ``max_articles`` keeps a seeded subset
+    of articles (corpus included) for quick runs; ``max_train`` / ``max_eval`` are seeded
+    samples.
     ``pubmedqa``: the PQA-L JSON (one object keyed by PubMed id); passages are its abstract
     sections and the gold passage of a question is its own abstract.
     ``qa_jsonl``: JSONL/JSON/Parquet rows {id, question, answer, gold_ids?} plus a corpus
     file of rows {id, text, doc_id?, metadata?}.
+
+    Paths starting with ``data:`` are read from the data directory (``$FEDRAG_RAY_DATA``;
+    ``fedrag-ray data download`` fills it); other paths are files, relative to the YAML.
     """
 
-    format: Literal["pubmedqa", "qa_jsonl"] = "pubmedqa"
-    """Input format: `pubmedqa` (PQA-L JSON) or `qa_jsonl` (JSONL/JSON/Parquet question rows plus a
-    corpus file)."""
-    path: str = "bundled:pubmedqa_sample.json"
+    format: Literal["squad", "pubmedqa", "qa_jsonl"] = "pubmedqa"
+    """Input format: `squad` (SQuAD v1.1 JSON, open-domain over every paragraph),
+    `pubmedqa` (PQA-L JSON) or `qa_jsonl` (JSONL/JSON/Parquet question rows plus a corpus
+    file)."""
+    path: str = "data:pubmedqa/pqal_trainval.json"
     """Questions file (training questions, and the held-out split unless `eval_path` is set);
-    `bundled:NAME` reads a file shipped in `fedrag_ray/data/`."""
+    `data:NAME` reads from the data directory (`$FEDRAG_RAY_DATA`), other paths are relative
+    to the YAML."""
     corpus: str | None = None
     """Passages file for `qa_jsonl` (rows {id, text, doc_id?, metadata?}); unused for `pubmedqa`."""
     eval_path: str | None = None
@@ -57,6 +68,8 @@ class DataConfig(_Strict):
     """Cap on training questions (after the split); unset: all."""
     max_eval: int | None = Field(None, ge=1)
     """Cap on held-out questions; unset: all."""
+    max_articles: int | None = Field(None, ge=2)
+    """SQuAD: keep a seeded subset of this many articles (corpus included), for quick runs."""
     split_seed: int = 0
     """Seed of the train/held-out split."""
 
@@ -291,6 +304,13 @@ class TrainConfig(_Strict):
     """LSR (retriever training) settings."""
     ralt: RaltConfig = RaltConfig()
     """RALT (generator training) settings."""
+    # start from an earlier run's trained arrays: a run directory or its
+    # trainable_state.npz; arrays whose names this method trains are loaded, the rest
+    # are applied too when the system holds them (e.g. LSR reading a RALT run's
+    # generator LoRA, so its teacher reads context: RA-DIT's two stages)
+    init_from: str | None = None
+    """Start from an earlier run's trained arrays (a run directory or its
+    `trainable_state.npz`), e.g. RA-DIT's second stage."""
 
 
 class EvalConfig(_Strict):
@@ -307,6 +327,14 @@ class EvalConfig(_Strict):
     # are measured once elsewhere, e.g. by a benchmark that compares many runs)
     before: bool = True
     """Centralized runs: evaluate before training too."""
+    # every metric gets a percentile bootstrap interval over the questions, and
+    # before/after a paired one (fedrag_ray.stats); seeded, so reruns agree
+    bootstrap_samples: int = Field(2000, ge=100)
+    """Bootstrap resamples for each metric's interval and the paired before/after gain."""
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    """Confidence level of the bootstrap intervals."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resampling (reruns give the same intervals)."""
 
 
 class PartitionConfig(_Strict):
@@ -656,7 +684,7 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(data, dict):
         for key in ("path", "corpus", "eval_path"):
             value = data.get(key)
-            if isinstance(value, str) and not value.startswith("bundled:"):
+            if isinstance(value, str) and not value.startswith("data:"):
                 p = Path(value).expanduser()
                 if not p.is_absolute():
                     data[key] = str((base / p).resolve())

@@ -116,3 +116,17 @@ def test_readme_is_short_and_links_existing_docs() -> None:
         assert (ROOT / link).exists(), link
     hashes = re.findall(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", readme)
     assert not hashes, f"commit hashes in the README: {hashes}"
+
+
+def test_design_page_maps_every_module() -> None:
+    """docs/design.md's module map names every module of the package."""
+    page = (ROOT / "docs" / "design.md").read_text()
+    package = ROOT / "fedrag_ray"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if path.name == "__init__.py" and path.parent != package:
+            continue  # subpackage markers
+        if f"`{rel}`" not in page:
+            missing.append(rel)
+    assert not missing, f"modules missing from docs/design.md's module map: {missing}"
