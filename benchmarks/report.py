@@ -121,6 +121,17 @@ def _signed_ci(c: dict[str, Any], nd: int = 3) -> str:
 # ---------------------------------------------------------------- one renderer per benchmark
 
 
+def _seeds(value: Any) -> str:
+    """``seeds`` is a count in quality_squad.py's rows, a list of seeds in older schemas."""
+    if isinstance(value, list):
+        return ", ".join(str(s) for s in value)
+    return num(value)
+
+
+def _sci(x: Any) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else num(x)
+
+
 def render_quality_squad(doc: Doc) -> str:
     rows = doc.get("rows") or {}
     metrics: list[str] = []
@@ -128,15 +139,31 @@ def render_quality_squad(doc: Doc) -> str:
         for k in r.get("metrics", {}):
             if k not in metrics:
                 metrics.append(k)
-    out = [
-        f"SQuAD v1.1, {num(doc.get('eval_questions'))} held-out questions; each cell the mean "
-        "with its 95% bootstrap interval (and the spread over seeds where several ran).\n\n"
-    ]
+    task = doc.get("task") or {}
+    out = []
+    if task:
+        fed = task.get("federation") or {}
+        out.append(
+            f"{task.get('data', 'SQuAD v1.1')}; {num(task.get('corpus_passages'))} passages "
+            f"retrieved over; {num(task.get('steps'))} training steps"
+            + (
+                f"; federated: {fed.get('clients')} clients × {fed.get('rounds')} rounds × "
+                f"{fed.get('local_steps')} local steps"
+                if fed
+                else ""
+            )
+            + ".\n\n"
+        )
+    out.append(
+        f"{num(doc.get('eval_questions'))} held-out questions; each cell the mean with its 95% "
+        "bootstrap interval over questions (and the standard deviation over seeds where "
+        "several ran).\n\n"
+    )
     out.append(
         table(
             ["run", "seeds", *metrics],
             [
-                [r.get("label", key), ", ".join(str(s) for s in r.get("seeds", []))]
+                [r.get("label", key), _seeds(r.get("seeds"))]
                 + [_ci(r.get("metrics", {}).get(m)) for m in metrics]
                 for key, r in rows.items()
             ],
@@ -161,6 +188,17 @@ def render_quality_squad(doc: Doc) -> str:
                 ],
             )
         )
+    thr = doc.get("throughput") or {}
+    if thr:
+        cols: list[str] = []
+        for r in thr.values():
+            cols += [k for k in r if k not in cols]
+        out.append("\nThroughput (training tokens/s, evaluated questions/s, achieved FLOP/s):\n\n")
+        out.append(
+            table(["run", *cols], [[k, *(_sci(r.get(c)) for c in cols)] for k, r in thr.items()])
+        )
+    if doc.get("missing_rows"):
+        out.append(f"\nNot run (yet): {', '.join(doc['missing_rows'])}.\n")
     return "".join(out)
 
 
@@ -722,16 +760,18 @@ def headline(results: Path = RESULTS) -> str:
             [
                 c.get("label", c.get("name")),
                 f"{c.get('metric')} {_signed_ci(c)}",
+                mark(c.get("win")),
                 c.get("target") or "-",
-                mark(c.get("met") if c.get("target") else c.get("win")),
+                mark(c.get("met")),
             ]
             for c in (doc.get("comparisons") or [])[:MAX_HEADLINE_ROWS]
         ]
         caption = (
             f"SQuAD v1.1, {num(doc.get('eval_questions'))} held-out questions; paired "
-            "difference with its 95% bootstrap interval"
+            "difference with its 95% bootstrap interval; better = the interval excludes 0; "
+            "met = the whole interval clears the target"
         )
-        header = ["comparison", "difference [95% CI]", "target", "met"]
+        header = ["comparison", "difference [95% CI]", "better", "target", "met"]
     else:
         doc = json.loads((results / "quality_pubmedqa.json").read_text())
         rows, caption = _pubmedqa_headline(doc)

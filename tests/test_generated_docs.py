@@ -81,18 +81,24 @@ def test_squad_renderer_and_headline(tmp_path: Path) -> None:
     shutil.copy(FIXTURE, results / "quality_squad.json")
     section = report.render_docs(results)
     assert "## Quality: federated RALT on SQuAD v1.1" in section
-    assert "| federated RALT, 8 clients | 0, 1, 2 | 0.260 [0.233, 0.287] (seed sd 0.011) |" in (
-        section
-    )
+    assert "| federated RALT, 8 clients | 3 | 0.260 [0.233, 0.287] (seed sd 0.011) |" in (section)
     assert (
         "| RALT vs zero-shot RAG | exact_match | +0.250 [+0.220, +0.280] | ✔ | >= +0.25 | ✔ |"
         in (section)
     )
+    assert "| zero-shot RAG | 0 |" in section  # seeds as a list (older schema)
+    assert "| central_ralt_s0 | 812 | 2.1e+11 | 3.2 |" in section
+    assert "Not run (yet): fed_both_s0." in section
     table = report.headline(results)
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln]
     assert len(rows) - 1 == 3  # header + one row per comparison
-    assert "| RALT vs zero-shot RAG | exact_match +0.250 [+0.220, +0.280] | >= +0.25 | ✔ |" in table
-    assert "| federated vs centralized RALT | f1 -0.012 [-0.031, +0.007] | >= +0.00 | ✘ |" in table
+    assert (
+        "| RALT vs zero-shot RAG | exact_match +0.250 [+0.220, +0.280] | ✔ | >= +0.25 | ✔ |"
+        in table
+    )
+    assert (
+        "| federated vs centralized RALT | f1 -0.012 [-0.031, +0.007] | ✘ | >= +0.00 | ✘ |" in table
+    )
     # host and date once, in the caption
     assert table.count("Test CPU, 2 cores") == 1 and table.count("2026-12-05") == 1
 
