@@ -73,6 +73,7 @@ class Row:
     overrides: dict[str, Any]
     needs: tuple[str, ...] = ()
     client: int | None = None
+    config: str = "squad"  # the bundled config the overrides apply to
 
 
 def base_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,13 +131,22 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
     fed = fed_overrides(args)
     central = {k: v for k, v in fed.items() if not k.startswith("federation.")}
     for s in seeds:
-        rows.append(Row(f"fed_s{s}", "federated (8 clients)", "federated", {**fed, "seed": s}))
+        rows.append(
+            Row(
+                f"fed_s{s}",
+                "federated (8 clients)",
+                "federated",
+                {**fed, "seed": s},
+                config="squad_federated",
+            )
+        )
         rows.append(
             Row(
                 f"central_eq_s{s}",
                 "centralized, equal steps",
                 "train",
                 {**central, "seed": s, "train.max_steps": 8 * fed_steps, "eval.before": False},
+                config="squad_federated",
             )
         )
     for c in range(8):
@@ -147,6 +157,7 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
                 "local",
                 {**fed, "train.max_steps": fed_steps, "eval.before": False},
                 client=c,
+                config="squad_federated",
             )
         )
     return rows
@@ -158,7 +169,7 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
 def _config(row: Row) -> Any:
     from fedrag_ray.config import load_config
 
-    cfg = load_config("squad", row.overrides)
+    cfg = load_config(row.config, row.overrides)
     if row.kind in ("train", "local", "eval"):
         cfg = cfg.model_copy(update={"federation": None})
     return cfg
@@ -232,7 +243,7 @@ def _train(row: Row, cfg: Any, run_dir: Path) -> dict[str, Any]:
 def _fed_config_of(row: Row) -> Any:
     from fedrag_ray.config import load_config
 
-    return load_config("squad", row.overrides)
+    return load_config(row.config, row.overrides)
 
 
 def _federated(row: Row, cfg: Any, run_dir: Path) -> dict[str, Any]:
