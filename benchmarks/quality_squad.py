@@ -36,21 +36,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
+from harness import REPO, offline_env, write_result
 
-import numpy as np  # noqa: E402
-from common import ROOT, write_result  # noqa: E402
-
-RUNS = ROOT / "runs" / "quality_squad"  # --runs
-STORE = ROOT / "runs" / "stores" / "squad"  # --runs/../stores/squad with --runs
+RUNS = REPO / "runs" / "quality_squad"  # --runs
+STORE = REPO / "runs" / "stores" / "squad"  # --runs/../stores/squad with --runs
 TARGETS = {
     "ralt_vs_zero_shot": 0.25,
     "ralt_rag_vs_closed_book": 0.15,
@@ -557,6 +553,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=None, help="run directories (smoke runs)")
     ap.add_argument("--out", type=Path, default=None, help="result folder (smoke runs)")
     args = ap.parse_args()
+    offline_env()
     global RUNS, STORE
     if args.runs:
         RUNS, STORE = args.runs, args.runs / "stores" / "squad"

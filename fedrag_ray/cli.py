@@ -126,7 +126,9 @@ def _summary_table(
     gain = gain or {}
     level = next(iter(gain.values()), {}).get("confidence", 0.95)
     table = Table(
-        title=title, caption=f"[brackets]: {level:.0%} bootstrap intervals over questions"
+        title=title,
+        caption=f"in brackets: {level:.0%} bootstrap intervals over the questions; "
+        "* the paired interval excludes 0",
     )
     table.add_column("metric")
     table.add_column("before", justify="right")

@@ -136,3 +136,14 @@ def test_design_page_maps_every_module() -> None:
         if f"`{rel}`" not in page:
             missing.append(rel)
     assert not missing, f"modules missing from docs/design.md's module map: {missing}"
+
+
+def test_headline_falls_back_to_pubmedqa_until_squad_has_comparisons(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(ROOT / "benchmarks" / "results" / "quality_pubmedqa.json", results)
+    doc = json.loads(FIXTURE.read_text())
+    doc["comparisons"] = []
+    (results / "quality_squad.json").write_text(json.dumps(doc))
+    table = report.headline(results)
+    assert table.startswith("| figure | measured | target | met |") and "PubMedQA" in table
