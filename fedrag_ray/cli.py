@@ -1,9 +1,10 @@
-"""``fedrag-ray``: train, eval, index build, ask, simulate, tune.
+"""``fedrag-ray``: train, eval, index build, ask, serve, simulate, tune, export.
 
-Every command validates the whole config before any model loads, shows progress on long
-work, prints a summary table, and with ``--output DIR`` writes ``DIR/results.json`` plus
-plots. Known user errors (config, data, store, resources, checkpoints) print one clear
-message and exit with status 2 instead of a traceback.
+Every command runs ``fedrag_ray.preflight`` (config, model names, data files, output
+locations, checkpoints) before any model loads or Ray starts, shows progress on long work,
+prints a summary table, and with ``--output DIR`` writes ``DIR/results.json`` plus plots.
+Known user errors print one line naming the field or file and exit with status 2; an
+unexpected error prints one traceback, without local variables (they can hold user data).
 """
 
 from __future__ import annotations
@@ -17,12 +18,26 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from fedrag_ray.config import ConfigError, ExperimentConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__,
+    pretty_exceptions_show_locals=False,
+)
 index_app = typer.Typer(no_args_is_help=True, help="Knowledge-store commands.")
 app.add_typer(index_app, name="index")
 console = Console(stderr=True)
@@ -76,22 +91,38 @@ def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
     out = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(
+                f"--set {key}: value {value!r} is not valid YAML ({problem})"
+            ) from None
     return out
 
 
 def _load(config: str, sets: list[str] | None) -> ExperimentConfig:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from fedrag_ray.runtime import quiet_this_process
+
+    quiet_this_process()  # before tqdm / huggingface_hub / transformers are imported
     return load_config(config, _parse_sets(sets))
+
+
+def _preflight(cfg: ExperimentConfig, **kwargs: Any) -> Any:
+    from fedrag_ray.preflight import preflight
+
+    return preflight(cfg, **kwargs)
 
 
 def _run(fn: Any) -> None:
     try:
         fn()
     except _user_errors() as err:
-        console.print(f"[bold red]error:[/] {err}")
+        # one line, as written (no markup, no wrapping): scripts and tests grep it
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -115,15 +146,44 @@ def _summary_table(title: str, before: dict[str, Any], after: dict[str, Any]) ->
     return table
 
 
+class _RateColumn(ProgressColumn):
+    """Items per second (or seconds per item when slower than one a second)."""
+
+    def render(self, task: Any) -> Any:
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text("")
+        return Text(f"{speed:.2f}/s" if speed >= 1 else f"{1 / speed:.1f}s/it")
+
+
 def _progress() -> Progress:
+    """Count, rate and ETA of long work, drawn only on a terminal: piped into a file or
+    a CI log, rich would print every refresh, so there the phases are plain log lines
+    (``_phase_logger``) and the bars stay off."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        _RateColumn(),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=console,
+        disable=not console.is_terminal,
     )
+
+
+def _counter(progress: Progress, task: Any, description: str) -> Any:
+    """A ``progress(done, total)`` callback for evaluate / build_store that drives one
+    bar: it resets the bar whenever a new piece of work starts (done back at 0)."""
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, description=description, completed=done, total=total)
+
+    return update
 
 
 def _phase_logger(progress: Progress, task: Any) -> Any:
@@ -346,60 +406,108 @@ def _federated_ask(
 
 @app.command()
 def ask(
-    config: str = typer.Argument(...),
-    question: str = typer.Argument(...),
+    config: str = typer.Argument(..., help="YAML config path or bundled config name"),
+    question: str | None = typer.Argument(None, help="The question (or --interactive)"),
     state: Path | None = typer.Option(None, help="trainable_state.npz to load"),
+    interactive: bool = typer.Option(
+        False,
+        "--interactive",
+        "-i",
+        help="Load once, then answer questions read from stdin until EOF, an empty line or 'exit'",
+    ),
     federated: bool = typer.Option(
         False, help="Search every client's private knowledge and merge (needs federation:)"
     ),
     address: str | None = typer.Option(None, help="--federated: join a Ray cluster"),
     set_: list[str] | None = Sets,
 ) -> None:
-    """Answer one question with the RAG pipeline and show the passages it used."""
+    """Answer a question with the RAG pipeline and show the passages it used (JSON on
+    stdout). The knowledge store is built once and reused: knowledge_store.path, the
+    run directory's own store next to --state, or a provenance-checked cache entry."""
 
     def go() -> None:
-        import numpy as np
-
-        from fedrag_ray.centralized import prepare_store
-        from fedrag_ray.data import load_dataset_from_config
-        from fedrag_ray.rag import RAGSystem
-
         cfg = _load(config, set_)
+        if interactive and federated:
+            raise ConfigError("--interactive: not with --federated (one Ray run per question)")
+        if not interactive and not (question or "").strip():
+            raise ConfigError("QUESTION: give a question, or --interactive to read them")
+        _preflight(cfg, state=state, needs_federation=federated, load_data=False)
         if federated:
-            _federated_ask(cfg, question, state, address)
+            _federated_ask(cfg, question or "", state, address)
             return
-        data = load_dataset_from_config(cfg.data)
-        system = RAGSystem(cfg)
-        if state:
-            system.load_trainable_state(dict(np.load(state)))
         if cfg.knowledge_store.serve == "actors":
-            from fedrag_ray import index_service
-            from fedrag_ray.federated.knowledge import ensure_global_store
+            _served_ask(cfg, question or "", state)
+            return
+        from fedrag_ray.service import Answerer
 
-            if not cfg.knowledge_store.path:
-                raise ConfigError("knowledge_store.path: serve: actors needs a saved store")
-            path = Path(cfg.knowledge_store.path)
-            ensure_global_store(system, data.passages, path)
-            with index_service.serving(path, cfg.knowledge_store.serve_cpus) as served:
-                system.store = served
-                ans = system.answer(question)
-        else:
-            prepare_store(system, data)
-            ans = system.answer(question)
-        print(
-            json.dumps(
-                {
-                    "answer": ans.answer,
-                    "sources": [
-                        {"id": p.id, "doc_id": p.doc_id, "score": s, "text": p.text[:200]}
-                        for p, s in zip(ans.passages, ans.scores, strict=True)
-                    ],
-                },
-                indent=2,
+        with console.status("loading data, models and the knowledge store") as status:
+            answerer = Answerer(
+                cfg,
+                state,
+                run_dir=state.parent if state else None,
+                on_phase=lambda m: status.update(m),
             )
-        )
+        if not interactive:
+            print(json.dumps(answerer.ask(question or ""), indent=2), flush=True)
+            return
+        _ask_loop(answerer, question)
 
     _run(go)
+
+
+EXIT_WORDS = ("exit", "quit", ":q")
+
+
+def _ask_loop(answerer: Any, first: str | None) -> None:
+    """``ask --interactive``: one JSON answer per line read; the prompt and timings go to
+    stderr, so stdout stays a stream of answers a script can read."""
+    import time
+
+    console.print(
+        f"ready in {answerer.load_seconds:.1f}s; ask away (empty line, 'exit' or EOF ends)",
+        highlight=False,
+    )
+    pending = [first] if first and first.strip() else []
+    while True:
+        if pending:
+            line = pending.pop()
+        else:
+            sys.stderr.write("question> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:  # EOF
+                break
+        line = line.strip()
+        if not line or line.lower() in EXIT_WORDS:
+            break
+        t = time.perf_counter()
+        record = answerer.ask(line)
+        print(json.dumps(record, indent=2), flush=True)
+        console.print(f"answered in {time.perf_counter() - t:.2f}s", highlight=False)
+
+
+def _served_ask(cfg: ExperimentConfig, question: str, state: Path | None) -> None:
+    """``knowledge_store.serve: actors``: the store's shard actors answer the search."""
+    from fedrag_ray import index_service
+    from fedrag_ray.data import load_dataset_from_config
+    from fedrag_ray.federated.knowledge import ensure_global_store
+    from fedrag_ray.rag import RAGSystem
+    from fedrag_ray.runtime import configure_process
+    from fedrag_ray.service import answer_record, load_state
+
+    if not cfg.knowledge_store.path:
+        raise ConfigError("knowledge_store.path: serve: actors needs a saved store")
+    configure_process()
+    data = load_dataset_from_config(cfg.data)
+    system = RAGSystem(cfg)
+    if state:
+        load_state(system, state)
+    path = Path(cfg.knowledge_store.path)
+    ensure_global_store(system, data.passages, path)
+    with index_service.serving(path, cfg.knowledge_store.serve_cpus) as served:
+        system.store = served
+        ans = system.answer(question)
+    print(json.dumps(answer_record(ans), indent=2))
 
 
 def _round_line(row: dict[str, Any]) -> str:

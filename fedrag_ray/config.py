@@ -411,6 +411,20 @@ class TrackingConfig(_Strict):
     keep_rounds: bool = False
 
 
+class ServeConfig(_Strict):
+    """``fedrag-ray serve RUN_DIR``: the fine-tuned system behind HTTP on Ray Serve.
+    ``num_replicas`` copies of the whole system (retriever, store, generator), each
+    reserving ``num_cpus`` Ray CPUs; ``host`` / ``port`` the HTTP proxy binds (loopback
+    by default: nothing is exposed unless asked); a question longer than
+    ``max_question_chars`` is refused with 413 before any work."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0.0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_question_chars: int = Field(2000, ge=1)
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
@@ -427,6 +441,7 @@ class ExperimentConfig(_Strict):
     federation: FederationConfig | None = None
     tune: dict[str, Any] | None = None  # validated by fedrag_ray.tune.TuneConfig
     tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -438,6 +453,8 @@ class ExperimentConfig(_Strict):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line for one problem (the usual case: the CLI prints it as is), else one line
+    per problem under a heading."""
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -448,6 +465,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             allowed = e.get("ctx", {}).get("expected", "")
             msg = f"got {e.get('input')!r}; allowed values: {allowed}"
         lines.append(f"  {path}: {msg}")
+    if len(lines) == 2:
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 

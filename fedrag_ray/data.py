@@ -56,13 +56,16 @@ class RagDataset:
     passages: list[Passage]
 
 
-def resolve_data_path(path: str) -> Path:
+def resolve_data_path(path: str, field: str = "data.path") -> Path:
+    """``field`` is the config field the path came from, named in the error."""
     if path.startswith("bundled:"):
         p = BUNDLED_DATA / path.split(":", 1)[1]
     else:
         p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"data file not found: {p}")
+        raise DataError(f"{field}: data file not found: {p}")
+    if not p.is_file():
+        raise DataError(f"{field}: {p} is a directory, not a data file")
     return p
 
 
@@ -245,6 +248,23 @@ def load_corpus_rows(path: str | Path) -> list[Passage]:
 # --------------------------------------------------------------------------- dataset
 
 
+def check_gold_ids(
+    examples: Sequence[QAExample], passages: Sequence[Passage], qa_file: str, corpus: str
+) -> None:
+    """Refuse questions whose ``gold_ids`` name no ``doc_id`` of the corpus: retrieval
+    could never hit them, and recall would read 0 for a typo in the data (ids are
+    compared as strings: 7 and "7" match, "doc7" and "7" do not)."""
+    doc_ids = {p.doc_id for p in passages}
+    bad = [e for e in examples if e.gold_doc_ids and not doc_ids & set(e.gold_doc_ids)]
+    if bad:
+        first = bad[0]
+        raise DataError(
+            f"{qa_file}: {len(bad)} of {len(examples)} questions have gold_ids that match no "
+            f"doc_id of data.corpus {corpus} (first: question id {first.id!r}, gold_ids "
+            f"{first.gold_doc_ids[:3]}; corpus doc_ids look like {sorted(doc_ids)[:2]})"
+        )
+
+
 def split_train_eval(
     examples: Sequence[QAExample], eval_fraction: float, seed: int
 ) -> tuple[list[QAExample], list[QAExample]]:
@@ -261,7 +281,9 @@ def load_dataset_from_config(cfg: DataConfig) -> RagDataset:
     if cfg.format == "pubmedqa":
         examples, passages = load_pubmedqa(resolve_data_path(cfg.path))
         if cfg.eval_path:
-            eval_examples, eval_passages = load_pubmedqa(resolve_data_path(cfg.eval_path))
+            eval_examples, eval_passages = load_pubmedqa(
+                resolve_data_path(cfg.eval_path, "data.eval_path")
+            )
             train, held = examples, eval_examples
             known = {p.id for p in passages}
             passages += [p for p in eval_passages if p.id not in known]
@@ -274,9 +296,12 @@ def load_dataset_from_config(cfg: DataConfig) -> RagDataset:
         if not cfg.corpus:
             raise DataError("data.corpus is required for data.format 'qa_jsonl'")
         examples = load_qa_rows(resolve_data_path(cfg.path))
-        passages = load_corpus_rows(resolve_data_path(cfg.corpus))
+        passages = load_corpus_rows(resolve_data_path(cfg.corpus, "data.corpus"))
+        check_gold_ids(examples, passages, cfg.path, cfg.corpus)
         if cfg.eval_path:
-            train, held = examples, load_qa_rows(resolve_data_path(cfg.eval_path))
+            held = load_qa_rows(resolve_data_path(cfg.eval_path, "data.eval_path"))
+            check_gold_ids(held, passages, cfg.eval_path, cfg.corpus)
+            train = examples
         else:
             train, held = split_train_eval(examples, cfg.eval_fraction, cfg.split_seed)
     if cfg.max_train:
