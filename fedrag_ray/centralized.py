@@ -17,12 +17,13 @@ from fedrag_ray.data import RagDataset, eval_examples, load_dataset_from_config
 from fedrag_ray.evaluate import evaluate
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.methods import local_train, make_optimizer, make_scheduler
+from fedrag_ray.progress import ProgressFn
 from fedrag_ray.rag import RAGSystem
 from fedrag_ray.runtime import seed_everything
 
 
 def prepare_store(
-    system: RAGSystem, data: RagDataset, show_progress: bool = False
+    system: RAGSystem, data: RagDataset, show_progress: bool | ProgressFn = False
 ) -> KnowledgeStore:
     """Load the configured store if it exists (checking that it was built from this
     corpus, encoder and index settings), else build it and, when a path is configured,
@@ -52,11 +53,16 @@ def run_centralized(
     output: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """One-site fine-tuning; a ``tracking:`` section also logs it (fedrag_ray.tracking)."""
+    """One-site fine-tuning; a ``tracking:`` section also logs it (fedrag_ray.tracking).
+    ``progress(stage, done, total)``: indexing and evaluation batches as they finish."""
+    import functools
+
     from fedrag_ray.tracking import track_centralized
 
-    return track_centralized(_run_centralized, cfg, output, on_step, on_phase)
+    run = functools.partial(_run_centralized, progress=progress)
+    return track_centralized(run, cfg, output, on_step, on_phase)
 
 
 def _run_centralized(
@@ -64,6 +70,7 @@ def _run_centralized(
     output: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     phase = on_phase or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -77,13 +84,13 @@ def _run_centralized(
 
     t = time.perf_counter()
     phase(f"indexing {len(data.passages)} passages")
-    store = prepare_store(system, data)
+    store = prepare_store(system, data, progress or False)
     timings["index_s"] = time.perf_counter() - t
 
     held = eval_examples(cfg, data)
     t = time.perf_counter()
     phase(f"evaluating before training ({len(held)} questions)")
-    before = evaluate(system, held, store) if cfg.eval.before else {}
+    before = evaluate(system, held, store, progress=progress) if cfg.eval.before else {}
     timings["eval_before_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -134,7 +141,7 @@ def _run_centralized(
 
     t = time.perf_counter()
     phase("evaluating after training")
-    after = evaluate(system, held, store)
+    after = evaluate(system, held, store, progress=progress)
     timings["eval_after_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 

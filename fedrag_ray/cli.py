@@ -176,14 +176,22 @@ def _progress() -> Progress:
     )
 
 
-def _counter(progress: Progress, task: Any, description: str) -> Any:
-    """A ``progress(done, total)`` callback for evaluate / build_store that drives one
-    bar: it resets the bar whenever a new piece of work starts (done back at 0)."""
+class _StageBar:
+    """A ``progress(stage, done, total)`` callback (``fedrag_ray.progress``) that drives
+    one bar: a new stage (or ``done`` back at 0) restarts it, so its rate and ETA are the
+    stage's own. Without a terminal each stage is one log line and nothing else."""
 
-    def update(done: int, total: int) -> None:
-        progress.update(task, description=description, completed=done, total=total)
+    def __init__(self, progress: Progress, task: Any) -> None:
+        self.progress, self.task = progress, task
+        self.stage: str | None = None
 
-    return update
+    def __call__(self, stage: str, done: int, total: int, info: str = "") -> None:
+        if stage != self.stage or done == 0:
+            self.stage = stage
+            self.progress.reset(self.task, total=total, completed=done, description=stage)
+            if not console.is_terminal:
+                console.log(f"{stage}: {total}")
+        self.progress.update(self.task, completed=done, total=total, info=info)
 
 
 def _phase_logger(progress: Progress, task: Any) -> Any:
@@ -211,19 +219,20 @@ def train(
 
     def go() -> None:
         cfg = _load(config, set_)
+        data = _preflight(cfg, output=output)
         from fedrag_ray.centralized import run_centralized
-        from fedrag_ray.data import load_dataset_from_config
 
-        n_train = len(load_dataset_from_config(cfg.data).train)
-        per_epoch = math.ceil(n_train / cfg.train.batch_size)
+        per_epoch = math.ceil(len(data.train) / cfg.train.batch_size)
         total = cfg.train.max_steps or per_epoch * cfg.train.epochs
         with _progress() as progress:
             task = progress.add_task("starting", total=total, info="")
+            bar = _StageBar(progress, task)
             res = run_centralized(
                 cfg,
                 output,
-                on_step=lambda s, loss: progress.update(task, completed=s, info=f"loss {loss:.4f}"),
+                on_step=lambda s, loss: bar("training steps", s, total, f"loss {loss:.4f}"),
                 on_phase=_phase_logger(progress, task),
+                progress=bar,
             )
         console.print(
             _summary_table(
@@ -257,26 +266,28 @@ def eval_(
     With --federated: merged federated retrieval vs central retrieval (same corpus)."""
 
     def go() -> None:
-        import numpy as np
-
+        cfg = _load(config, set_)
+        data = _preflight(cfg, output=output, state=state, needs_federation=federated)
         if federated:
-            _federated_eval(_load(config, set_), output, address)
+            _federated_eval(cfg, output, address)
             return
 
         from fedrag_ray.centralized import eval_examples, prepare_store
-        from fedrag_ray.data import load_dataset_from_config
         from fedrag_ray.evaluate import evaluate
         from fedrag_ray.rag import RAGSystem
+        from fedrag_ray.runtime import configure_process
+        from fedrag_ray.service import load_state
 
-        cfg = _load(config, set_)
-        with console.status("loading data, models and index"):
-            data = load_dataset_from_config(cfg.data)
+        configure_process()
+        with console.status("loading models"):
             system = RAGSystem(cfg)
             if state:
-                system.load_trainable_state(dict(np.load(state)))
-            store = prepare_store(system, data)
-        with console.status("evaluating"):
-            metrics = evaluate(system, eval_examples(cfg, data), store, closed_book=closed_book)
+                load_state(system, state)
+        held = eval_examples(cfg, data)
+        with _progress() as progress:
+            bar = _StageBar(progress, progress.add_task("indexing", total=None, info=""))
+            store = prepare_store(system, data, bar)
+            metrics = evaluate(system, held, store, closed_book=closed_book, progress=bar)
         title = f"{cfg.name}: evaluation ({int(metrics['n'])} questions)"
         _show_metrics(cfg, title, "metrics", metrics, output)
 
@@ -329,17 +340,20 @@ def index_build(
     def go() -> None:
         import time
 
-        from fedrag_ray.data import load_dataset_from_config
-        from fedrag_ray.retriever import BiEncoderRetriever
-
         cfg = _load(config, set_)
         target = output or (Path(cfg.knowledge_store.path) if cfg.knowledge_store.path else None)
         if target is None:
             raise ConfigError("knowledge_store.path: set it in the config or pass --output")
+        from fedrag_ray.preflight import check_writable
+
+        data = _preflight(cfg)
+        check_writable(target, "--output" if output else "knowledge_store.path")
         from fedrag_ray.knowledge_store import KnowledgeStore
         from fedrag_ray.provenance import store_provenance
+        from fedrag_ray.retriever import BiEncoderRetriever
+        from fedrag_ray.runtime import configure_process
 
-        data = load_dataset_from_config(cfg.data)
+        configure_process()
         retriever = BiEncoderRetriever(cfg.retriever.model_copy(update={"train": "none"}))
         ks = cfg.knowledge_store
         store = KnowledgeStore.from_config(retriever.dim, ks)
@@ -538,14 +552,15 @@ def simulate(
     """Federated fine-tuning simulated with Flower on Ray (needs a federation: section)."""
 
     def go() -> None:
+        cfg = _load(config, set_)
+        out = resume or output
+        _preflight(cfg, output=out, resume=resume, needs_federation=True)
         from fedrag_ray.federated import run_federated
 
-        cfg = _load(config, set_)
-        if cfg.federation is None:
-            raise ConfigError("federation: this command needs a federation: section")
-        out = resume or output
+        assert cfg.federation is not None  # checked by the preflight
         with _progress() as progress:
             task = progress.add_task("starting", total=cfg.federation.rounds, info="")
+            clients = _StageBar(progress, progress.add_task("clients", total=None, info=""))
 
             def on_round(row: dict[str, Any]) -> None:
                 progress.console.print(_round_line(row))
@@ -559,6 +574,7 @@ def simulate(
                 on_round=on_round,
                 on_phase=_phase_logger(progress, task),
                 num_cpus=num_cpus,
+                progress=clients,
             )
         fed = cfg.federation
         title = (
@@ -589,9 +605,13 @@ def tune(
     """Ray Tune sweep: each trial is a whole federated (or centralized) run."""
 
     def go() -> None:
-        from fedrag_ray.tune import run_sweep
+        from fedrag_ray.config import apply_overrides, config_from_dict, load_raw
+        from fedrag_ray.tune import _without_tune, parse_tune_config, run_sweep
 
         raw_overrides = _parse_sets(set_)
+        raw = apply_overrides(load_raw(config), raw_overrides)
+        parse_tune_config(raw)
+        _preflight(config_from_dict(_without_tune(raw), str(config)), output=output)
         run_sweep(
             config,
             output,
@@ -621,7 +641,11 @@ def export(
 
     def go() -> None:
         from fedrag_ray.export import ExportError, export_run
+        from fedrag_ray.preflight import check_writable
 
+        if not run_dir.is_dir():
+            raise ConfigError(f"RUN_DIR: {run_dir} is not a directory")
+        check_writable(output, "--output")
         try:
             with console.status("exporting"):
                 manifest = export_run(run_dir, output, round_, trial, merge=merge, store=store)

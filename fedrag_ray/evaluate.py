@@ -17,6 +17,7 @@ import torch
 
 from fedrag_ray.data import QAExample
 from fedrag_ray.knowledge_store import KnowledgeStore
+from fedrag_ray.progress import ProgressFn, report
 from fedrag_ray.rag import RAGSystem
 
 
@@ -98,6 +99,8 @@ def label_predictions(
     weights: list[np.ndarray] | None,
     options: list[str],
     chunk_tokens: int = 1024,
+    progress: ProgressFn | None = None,
+    stage: str = "scoring labels",
 ) -> list[str]:
     """argmax over options of sum_d w_d P_LM(option | d, q) (REPLUG); closed-book if no
     passages. One forward per (question, passage) prompt: ``Generator.option_logprobs``
@@ -117,11 +120,13 @@ def label_predictions(
     # 2 CPU threads: 4 vs 16 prompts of 256 tokens, same seconds, +0.14 vs +0.31 GB peak).
     lengths = [system.generator.count_tokens(prompts[i]) + reserve for i in order]
     s = 0
+    report(progress, stage, 0, len(order))  # prompts: one per (question, passage)
     while s < len(order):
         rows = max(1, chunk_tokens // max(1, lengths[s]))
         idx = order[s : s + rows]
         logp[idx] = system.generator.option_logprobs([prompts[i] for i in idx], options).numpy()
         s += rows
+        report(progress, stage, min(s, len(order)), len(order))
     owner_arr = np.asarray(owner)
     return [
         _ensemble_argmax(
@@ -179,8 +184,10 @@ def evaluate(
     store: KnowledgeStore | None = None,
     closed_book: bool = False,
     generate: bool = True,
+    progress: ProgressFn | None = None,
 ) -> dict[str, float]:
-    """Retrieval and answer metrics of ``system`` on ``examples``."""
+    """Retrieval and answer metrics of ``system`` on ``examples``; ``progress(stage,
+    done, total)`` after each batch of prompts (long evaluations show a moving count)."""
     cfg = system.cfg
     store = store or system.store
     start = time.perf_counter()
@@ -202,20 +209,23 @@ def evaluate(
         if closed_book
         else retrieval_weights(scores[:, :top_k], idx[:, :top_k], cfg.train.lsr.tau)
     )
-    metrics.update(_answer_metrics(system, examples, ctx_texts, weights, generate))
+    metrics.update(_answer_metrics(system, examples, ctx_texts, weights, generate, progress))
     if not closed_book and cfg.eval.closed_book:
         # The same questions with no passage: does retrieval matter? (no second search)
-        cb = evaluate_answers_closed_book(system, examples, generate)
+        cb = evaluate_answers_closed_book(system, examples, generate, progress)
         metrics.update({f"closed_book_{k}": v for k, v in cb.items()})
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
 
 
 def evaluate_answers_closed_book(
-    system: RAGSystem, examples: list[QAExample], generate: bool = True
+    system: RAGSystem,
+    examples: list[QAExample],
+    generate: bool = True,
+    progress: ProgressFn | None = None,
 ) -> dict[str, float]:
     """Answer metrics with no passage in the prompt."""
-    out = _answer_metrics(system, examples, None, None, generate)
+    out = _answer_metrics(system, examples, None, None, generate, progress, "closed-book ")
     out.pop("exact_match", None)
     return out
 
@@ -226,6 +236,8 @@ def _answer_metrics(
     ctx_texts: list[list[str]] | None,
     weights: list[np.ndarray] | None,
     generate: bool,
+    progress: ProgressFn | None = None,
+    prefix: str = "",
 ) -> dict[str, float]:
     """Label accuracy (REPLUG ensemble) and generated-answer EM / F1 / ROUGE-L, with the
     given passages per question, or closed-book when ``ctx_texts`` is None."""
@@ -234,7 +246,15 @@ def _answer_metrics(
     out: dict[str, float] = {}
     labelled = [e for e in examples if e.label is not None]
     if labelled and cfg.data.answer == "label":
-        preds = label_predictions(system, questions, ctx_texts, weights, cfg.rag.label_options)
+        preds = label_predictions(
+            system,
+            questions,
+            ctx_texts,
+            weights,
+            cfg.rag.label_options,
+            progress=progress,
+            stage=f"{prefix}scoring labels",
+        )
         out["accuracy"] = float(
             np.mean([p == e.label for p, e in zip(preds, examples, strict=True) if e.label])
         )
@@ -245,7 +265,9 @@ def _answer_metrics(
             system.prompt(q, None if ctx_texts is None else ctx_texts[i][:n_ctx], reserve)
             for i, q in enumerate(questions)
         ]
-        outs = system.generator.generate(prompts, reserve)
+        outs = system.generator.generate(
+            prompts, reserve, progress=progress, stage=f"{prefix}generating answers"
+        )
         pairs = list(zip(outs, [e.answer for e in examples], strict=True))
         out["exact_match"] = float(np.mean([exact_match(o, r) for o, r in pairs]))
         out["f1"] = float(np.mean([token_f1(o, r) for o, r in pairs]))
