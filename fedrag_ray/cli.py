@@ -69,20 +69,24 @@ def _global_options(
         os.environ[VERBOSE_ENV] = "1"
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from fedrag_ray.data import DataError
-    from fedrag_ray.federated.checkpoint import CheckpointError
-    from fedrag_ray.federated.resources import ResourceError
-    from fedrag_ray.knowledge_store import KnowledgeStoreError
+USER_ERRORS = [
+    ("fedrag_ray.config", "ConfigError"),
+    ("fedrag_ray.data", "DataError"),
+    ("fedrag_ray.knowledge_store", "KnowledgeStoreError"),
+    ("fedrag_ray.federated.resources", "ResourceError"),
+    ("fedrag_ray.federated.checkpoint", "CheckpointError"),
+]
 
-    return (
-        ConfigError,
-        DataError,
-        KnowledgeStoreError,
-        ResourceError,
-        CheckpointError,
-        FileNotFoundError,
-    )
+
+def _is_user_error(err: BaseException) -> bool:
+    """A known user error. Only modules already imported are looked at: an error cannot
+    come from a class never loaded, and importing ``fedrag_ray.federated`` (Flower, Ray)
+    just to check would cost seconds on every failing command."""
+    classes: list[type[BaseException]] = [FileNotFoundError]
+    for module, name in USER_ERRORS:
+        if module in sys.modules:
+            classes.append(getattr(sys.modules[module], name))
+    return isinstance(err, tuple(classes))
 
 
 def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
@@ -97,9 +101,10 @@ def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            problem = str(err).splitlines()[0]
+            from fedrag_ray.config import yaml_problem
+
             raise ConfigError(
-                f"--set {key}: value {value!r} is not valid YAML ({problem})"
+                f"--set {key}: value {value!r} is not valid YAML ({yaml_problem(err)})"
             ) from None
     return out
 
@@ -120,7 +125,13 @@ def _preflight(cfg: ExperimentConfig, **kwargs: Any) -> Any:
 def _run(fn: Any) -> None:
     try:
         fn()
-    except _user_errors() as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            from fedrag_ray.runtime import verbose
+
+            if not verbose():  # one traceback: the chain of causes only with --verbose
+                err.__cause__, err.__suppress_context__ = None, True
+            raise
         # one line, as written (no markup, no wrapping): scripts and tests grep it
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
@@ -621,6 +632,52 @@ def tune(
             overrides=raw_overrides,
             console=console,
         )
+
+    _run(go)
+
+
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="A train / simulate output directory"),
+    address: str | None = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT"),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a field of the run's config: --set serve.port=8080"
+    ),
+) -> None:
+    """Serve the fine-tuned system over HTTP on Ray Serve: POST /ask {"question": ...}
+    answers with the answer and its sources, GET /health; replicas, CPUs, host and port
+    from the config's serve: section. Runs until Ctrl-C."""
+
+    def go() -> None:
+        from fedrag_ray.config import apply_overrides, config_from_dict
+        from fedrag_ray.runtime import quiet_this_process
+        from fedrag_ray.serve import check_serve_installed, run_server
+        from fedrag_ray.service import run_config
+
+        quiet_this_process()
+        cfg, state = run_config(run_dir)
+        if set_:
+            raw = apply_overrides(cfg.model_dump(mode="json"), _parse_sets(set_))
+            cfg = config_from_dict(raw, f"{run_dir} with --set")
+        _preflight(cfg, state=state, load_data=True)
+        check_serve_installed()
+
+        status = console.status("starting Ray Serve and loading the system on each replica")
+        status.start()
+
+        def ready(url: str) -> None:
+            status.stop()
+            console.print(
+                f"serving {cfg.name} on {url}: POST /ask, GET /health (Ctrl-C stops)",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        try:
+            run_server(cfg, state, run_dir, address, on_ready=ready)
+        finally:
+            status.stop()
+        console.print("stopped", highlight=False)
 
     _run(go)
 

@@ -493,12 +493,21 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where (PyYAML's own text spans several lines,
+    with a caret drawing)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def load_raw(path: str | Path) -> dict[str, Any]:
     p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {p} is not valid YAML: {err}") from None
+        raise ConfigError(f"config {p} is not valid YAML ({yaml_problem(err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {p}: top level must be a mapping")
     return _resolve_relative_paths(raw, p.parent)

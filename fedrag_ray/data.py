@@ -193,6 +193,13 @@ def _field(row: dict[str, Any], key: str, where: str, required: bool = True) -> 
     return value
 
 
+def _metadata(row: dict[str, Any], where: str) -> dict[str, Any]:
+    value = row.get("metadata") or {}
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: field 'metadata' must be an object")
+    return dict(value)
+
+
 def load_qa_rows(path: str | Path) -> list[QAExample]:
     """Rows {id?, question, answer, gold_ids?: [doc ids], label?, metadata?}."""
     path = Path(path)
@@ -216,7 +223,7 @@ def load_qa_rows(path: str | Path) -> list[QAExample]:
                 answer=str(answer),
                 gold_doc_ids=[str(g) for g in gold],
                 label=label,
-                metadata=dict(row.get("metadata") or {}),
+                metadata=_metadata(row, where),
             )
         )
     if not out:
@@ -237,7 +244,7 @@ def load_corpus_rows(path: str | Path) -> list[Passage]:
                 id=pid,
                 text=text,
                 doc_id=str(row.get("doc_id") or pid),
-                metadata=dict(row.get("metadata") or {}),
+                metadata=_metadata(row, where),
             )
         )
     if not out:

