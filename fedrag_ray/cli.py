@@ -440,6 +440,12 @@ def ask(
         "-i",
         help="Load once, then answer questions read from stdin until EOF, an empty line or 'exit'",
     ),
+    threads: int = typer.Option(
+        1,
+        min=1,
+        help="torch threads. One question is many small matrix products; with more "
+        "threads each waits for the others, and on a busy machine that wait dominates",
+    ),
     federated: bool = typer.Option(
         False, help="Search every client's private knowledge and merge (needs federation:)"
     ),
@@ -471,6 +477,7 @@ def ask(
                 state,
                 run_dir=state.parent if state else None,
                 on_phase=lambda m: status.update(m),
+                threads=threads,
             )
         if not interactive:
             print(json.dumps(answerer.ask(question or ""), indent=2), flush=True)

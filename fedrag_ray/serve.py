@@ -66,13 +66,12 @@ class RagServer:
     while a question is being answered."""
 
     def __init__(self, cfg_json: str, state: str, run_dir: str) -> None:
-        from fedrag_ray.runtime import configure_process
         from fedrag_ray.service import Answerer
 
         cfg = ExperimentConfig.model_validate_json(cfg_json)
-        configure_process(threads=max(1, int(cfg.serve.num_cpus)))
         self.max_chars = cfg.serve.max_question_chars
-        self.answerer = Answerer(cfg, state, run_dir)
+        threads = max(1, int(cfg.serve.num_cpus))  # the CPUs Ray reserved for this replica
+        self.answerer = Answerer(cfg, state, run_dir, threads=threads)
         self.lock = threading.Lock()
         self.started = time.time()
         self.answered = 0

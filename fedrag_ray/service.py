@@ -143,13 +143,15 @@ class Answerer:
         state: str | Path | None = None,
         run_dir: str | Path | None = None,
         on_phase: Callable[[str], None] | None = None,
+        threads: int | None = None,
     ) -> None:
+        """``threads``: torch's intra-op threads (None: torch's default, one per core)."""
         from fedrag_ray.data import load_dataset_from_config
         from fedrag_ray.rag import RAGSystem
         from fedrag_ray.runtime import configure_process
 
         phase = on_phase or (lambda _m: None)
-        configure_process()
+        configure_process(threads)
         t = time.perf_counter()
         phase("loading data")
         data = load_dataset_from_config(cfg.data)
