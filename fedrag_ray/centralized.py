@@ -14,12 +14,13 @@ from typing import Any
 from fedrag_ray.atomic import atomic_write_bytes, atomic_write_json, npz_bytes
 from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.data import RagDataset, eval_examples, load_dataset_from_config
-from fedrag_ray.evaluate import evaluate
+from fedrag_ray.evaluate import Evaluation, evaluate_detailed
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.methods import local_train, make_optimizer, make_scheduler
 from fedrag_ray.progress import ProgressFn
 from fedrag_ray.rag import RAGSystem
 from fedrag_ray.runtime import seed_everything
+from fedrag_ray.stats import paired_gains
 
 
 def prepare_store(
@@ -48,20 +49,55 @@ def prepare_store(
     return store
 
 
+def load_init_state(system: RAGSystem, source: str | Path) -> list[str]:
+    """Load ``train.init_from`` (a run directory or a ``trainable_state.npz``) into the
+    system: every array whose name matches a parameter of the generator or the query
+    encoder, trained by this method or not. Returns the names loaded; none matching is an
+    error (a wrong file would otherwise be silently ignored)."""
+    import numpy as np
+    import torch
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "trainable_state.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    state = dict(np.load(path))
+    params = {
+        **{f"generator.{n}": p for n, p in system.generator.model.named_parameters()},
+        **{f"retriever.{n}": p for n, p in system.retriever.query_encoder.named_parameters()},
+    }
+    loaded = []
+    with torch.no_grad():
+        for name, value in state.items():
+            p = params.get(name)
+            if p is None or tuple(p.shape) != value.shape:
+                continue
+            p.copy_(torch.from_numpy(value).to(p.dtype))
+            loaded.append(name)
+    if not loaded:
+        raise ValueError(f"train.init_from: no array of {path} matches this system's parameters")
+    return loaded
+
+
 def run_centralized(
     cfg: ExperimentConfig,
     output: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    train_subset: list[int] | None = None,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """One-site fine-tuning; a ``tracking:`` section also logs it (fedrag_ray.tracking).
-    ``progress(stage, done, total)``: indexing and evaluation batches as they finish."""
-    import functools
 
+    ``train_subset``: indices into the training questions to train on instead of all of
+    them — one federated client's partition trained alone (the local-only baseline).
+    ``progress(stage, done, total)``: indexing and evaluation batches as they finish."""
     from fedrag_ray.tracking import track_centralized
 
-    run = functools.partial(_run_centralized, progress=progress)
+    def run(*args: Any) -> dict[str, Any]:
+        return _run_centralized(*args, train_subset=train_subset, progress=progress)
+
     return track_centralized(run, cfg, output, on_step, on_phase)
 
 
@@ -70,6 +106,7 @@ def _run_centralized(
     output: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    train_subset: list[int] | None = None,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     phase = on_phase or (lambda _msg: None)
@@ -78,8 +115,11 @@ def _run_centralized(
     seed_everything(cfg.seed)
     phase("loading data")
     data = load_dataset_from_config(cfg.data)
+    if train_subset is not None:
+        data.train = [data.train[i] for i in train_subset]
     phase("loading models")
     system = RAGSystem(cfg)
+    init_loaded = load_init_state(system, cfg.train.init_from) if cfg.train.init_from else []
     timings["setup_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -90,7 +130,11 @@ def _run_centralized(
     held = eval_examples(cfg, data)
     t = time.perf_counter()
     phase(f"evaluating before training ({len(held)} questions)")
-    before = evaluate(system, held, store, progress=progress) if cfg.eval.before else {}
+    before = (
+        evaluate_detailed(system, held, store, progress=progress)
+        if cfg.eval.before
+        else Evaluation({})
+    )
     timings["eval_before_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -141,8 +185,9 @@ def _run_centralized(
 
     t = time.perf_counter()
     phase("evaluating after training")
-    after = evaluate(system, held, store, progress=progress)
+    after = evaluate_detailed(system, held, store, progress=progress)
     timings["eval_after_s"] = time.perf_counter() - t
+    ev = cfg.eval
     timings["total_s"] = time.perf_counter() - t0
 
     results = {
@@ -154,8 +199,23 @@ def _run_centralized(
         "num_eval": len(held),
         "num_passages": len(data.passages),
         "steps": steps_done,
-        "metrics_before": before,
-        "metrics_after": after,
+        "metrics_before": before.metrics,
+        "metrics_after": after.metrics,
+        # after minus before on the same questions, with the paired bootstrap interval
+        "gain": paired_gains(
+            after.per_question,
+            before.per_question,
+            ev.bootstrap_samples,
+            ev.confidence,
+            ev.bootstrap_seed,
+        ),
+        "per_question_before": before.per_question,
+        "per_question_after": after.per_question,
+        "predictions_after": after.predictions,
+        "eval_ids": [e.id for e in held],
+        "init_from": {"path": cfg.train.init_from, "arrays": len(init_loaded)}
+        if cfg.train.init_from
+        else None,
         "loss_history": losses,
         "lr_history": lrs,
         "timings": timings,

@@ -30,20 +30,30 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where questions and passages come from.
 
+    ``squad``: SQuAD v1.1 JSON (``.json`` or ``.json.gz``); passages are every paragraph
+    of the file (open-domain retrieval), the gold passage is the question's paragraph, all
+    gold answers count, and the held-out questions are whole articles (``eval_fraction`` of
+    them) so no evaluation paragraph is trained on. ``max_articles`` keeps a seeded subset
+    of articles (corpus included) for quick runs; ``max_train`` / ``max_eval`` are seeded
+    samples.
     ``pubmedqa``: the PQA-L JSON (one object keyed by PubMed id); passages are its abstract
     sections and the gold passage of a question is its own abstract.
     ``qa_jsonl``: JSONL/JSON/Parquet rows {id, question, answer, gold_ids?} plus a corpus
     file of rows {id, text, doc_id?, metadata?}.
+
+    Paths starting with ``data:`` are read from the data directory (``$FEDRAG_RAY_DATA``;
+    ``fedrag-ray data download`` fills it); other paths are files, relative to the YAML.
     """
 
-    format: Literal["pubmedqa", "qa_jsonl"] = "pubmedqa"
-    path: str = "bundled:pubmedqa_sample.json"
+    format: Literal["squad", "pubmedqa", "qa_jsonl"] = "pubmedqa"
+    path: str = "data:pubmedqa/pqal_trainval.json"
     corpus: str | None = None
     eval_path: str | None = None
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     answer: Literal["label", "long"] = "label"
     max_train: int | None = Field(None, ge=1)
     max_eval: int | None = Field(None, ge=1)
+    max_articles: int | None = Field(None, ge=2)
     split_seed: int = 0
 
 
@@ -208,6 +218,11 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     lsr: LsrConfig = LsrConfig()
     ralt: RaltConfig = RaltConfig()
+    # start from an earlier run's trained arrays: a run directory or its
+    # trainable_state.npz; arrays whose names this method trains are loaded, the rest
+    # are applied too when the system holds them (e.g. LSR reading a RALT run's
+    # generator LoRA, so its teacher reads context: RA-DIT's two stages)
+    init_from: str | None = None
 
 
 class EvalConfig(_Strict):
@@ -219,6 +234,11 @@ class EvalConfig(_Strict):
     # centralized runs: evaluate before training too (off when the zero-shot figures
     # are measured once elsewhere, e.g. by a benchmark that compares many runs)
     before: bool = True
+    # every metric gets a percentile bootstrap interval over the questions, and
+    # before/after a paired one (fedrag_ray.stats); seeded, so reruns agree
+    bootstrap_samples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    bootstrap_seed: int = 0
 
 
 class PartitionConfig(_Strict):
@@ -520,7 +540,7 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(data, dict):
         for key in ("path", "corpus", "eval_path"):
             value = data.get(key)
-            if isinstance(value, str) and not value.startswith("bundled:"):
+            if isinstance(value, str) and not value.startswith("data:"):
                 p = Path(value).expanduser()
                 if not p.is_absolute():
                     data[key] = str((base / p).resolve())

@@ -1,15 +1,21 @@
-"""QA and corpus loading (PubMedQA, JSONL/JSON, Parquet via `datasets`), validation, and
-partitioning of questions across federated clients.
+"""QA and corpus loading (SQuAD, PubMedQA, JSONL/JSON, Parquet via `datasets`), validation,
+and partitioning of questions across federated clients.
 
 A malformed row fails with a :class:`DataError` that names the file and the line (JSONL),
-row (Parquet) or key (PubMedQA's JSON object), so a user can fix the data without a
-debugger.
+row (Parquet), key (PubMedQA's JSON object) or article/paragraph/question (SQuAD), so a
+user can fix the data without a debugger.
+
+Datasets are never shipped inside the package: paths written ``data:<relative path>`` are
+read from the data directory (:func:`data_dir`), which ``fedrag-ray data download``
+fills.
 """
 
 from __future__ import annotations
 
+import gzip
 import heapq
 import json
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +29,11 @@ from fedrag_ray.config import PACKAGE_DIR, DataConfig
 if TYPE_CHECKING:
     from fedrag_ray.config import ExperimentConfig
 
-BUNDLED_DATA = PACKAGE_DIR / "data"
+DATA_DIR_ENV = "FEDRAG_RAY_DATA"
+DATA_PREFIX = "data:"
+# A checkout next to the shared data folder (this project's CI and dev machines) reads it
+# there; anyone else gets the user cache that ``fedrag-ray data download`` fills.
+_SHARED_DATA = PACKAGE_DIR.parent.parent / "shared" / "data"
 
 
 class DataError(ValueError):
@@ -45,6 +55,9 @@ class QAExample:
     answer: str
     gold_doc_ids: list[str] = field(default_factory=list)
     label: str | None = None
+    # every accepted answer (SQuAD has several per question in its dev set); EM and F1 take
+    # the best over them. Empty means ``[answer]``.
+    answers: list[str] = field(default_factory=list)
     long_answer: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -56,17 +69,50 @@ class RagDataset:
     passages: list[Passage]
 
 
+def data_dir() -> Path:
+    """Where ``data:`` paths live: ``$FEDRAG_RAY_DATA``, else ``../shared/data`` beside
+    this checkout where it exists, else ``~/.cache/fedrag_ray/data``."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    if _SHARED_DATA.is_dir():
+        return _SHARED_DATA
+    return Path.home() / ".cache" / "fedrag_ray" / "data"
+
+
 def resolve_data_path(path: str, field: str = "data.path") -> Path:
-    """``field`` is the config field the path came from, named in the error."""
-    if path.startswith("bundled:"):
-        p = BUNDLED_DATA / path.split(":", 1)[1]
-    else:
-        p = Path(path).expanduser()
+    """A plain path, or ``data:<relative path>`` inside :func:`data_dir`. A missing file
+    is an error that names ``field`` (the config field the path came from), says where it
+    was looked for and how to get it."""
+    if path.startswith(DATA_PREFIX):
+        rel = path[len(DATA_PREFIX) :]
+        p = data_dir() / rel
+        if not p.exists():
+            dataset = Path(rel).parts[0] if Path(rel).parts else rel
+            raise DataError(
+                f"{field}: data file not found: {p} (data directory {data_dir()}, set by "
+                f"${DATA_DIR_ENV}; get the dataset with `fedrag-ray data download {dataset}`)"
+            )
+        return p
+    p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{field}: data file not found: {p}")
     if not p.is_file():
         raise DataError(f"{field}: {p} is a directory, not a data file")
     return p
+
+
+def _read_json(path: Path) -> Any:
+    """JSON, gzip-compressed when the name ends in ``.gz``; a syntax error names its line."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return json.load(f)
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    except (OSError, EOFError) as err:  # a truncated or non-gzip .gz file
+        raise DataError(f"{path}: cannot be read ({err})") from None
 
 
 # --------------------------------------------------------------------------- PubMedQA
@@ -90,10 +136,7 @@ def load_pubmedqa(path: str | Path) -> tuple[list[QAExample], list[Passage]]:
     """PQA-L format: {pmid: {QUESTION, CONTEXTS[], LABELS[], MESHES[], YEAR, LONG_ANSWER,
     final_decision}}. One passage per abstract section; gold doc = the question's pmid."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    raw = _read_json(path)
     if not isinstance(raw, dict):
         raise DataError(f"{path}: top level must be an object keyed by PubMed id")
     examples, passages = [], []
@@ -136,6 +179,86 @@ def load_pubmedqa(path: str | Path) -> tuple[list[QAExample], list[Passage]]:
             )
         )
     return examples, passages
+
+
+# --------------------------------------------------------------------------- SQuAD
+
+
+def load_squad(path: str | Path) -> tuple[list[QAExample], list[Passage]]:
+    """SQuAD v1.1 JSON (``{"data": [{"title", "paragraphs": [{"context", "qas": [{"id",
+    "question", "answers": [{"text", ...}]}]}]}]}``), plain or ``.gz``.
+
+    One passage per paragraph (id ``<article index>:<paragraph index>``, also its
+    ``doc_id``: the gold passage of a question is its own paragraph); every paragraph of
+    the file goes into the corpus, so retrieval is open-domain over all articles. Every
+    gold answer is kept (EM/F1 take the best); the article title is kept in each
+    question's and passage's ``metadata["title"]`` for partitions and article splits."""
+    path = Path(path)
+    raw = _read_json(path)
+    articles = raw.get("data") if isinstance(raw, dict) else None
+    if not isinstance(articles, list):
+        raise DataError(f"{path}: top level must be an object with a 'data' list (SQuAD)")
+    examples: list[QAExample] = []
+    passages: list[Passage] = []
+    for a, article in enumerate(articles):
+        title = article.get("title") if isinstance(article, dict) else None
+        where_a = f"{path}: article {a} ({title!r})"
+        if not isinstance(title, str) or not isinstance(article.get("paragraphs"), list):
+            raise DataError(f"{where_a}: needs a 'title' string and a 'paragraphs' list")
+        for p, para in enumerate(article["paragraphs"]):
+            where_p = f"{where_a}, paragraph {p}"
+            context = para.get("context") if isinstance(para, dict) else None
+            if not isinstance(context, str) or not context.strip():
+                raise DataError(f"{where_p}: missing or empty 'context'")
+            pid = f"{a}:{p}"
+            passages.append(Passage(id=pid, text=context, doc_id=pid, metadata={"title": title}))
+            for q, qa in enumerate(para.get("qas") or []):
+                where_q = f"{where_p}, question {q}"
+                question = qa.get("question") if isinstance(qa, dict) else None
+                if not isinstance(question, str) or not question.strip():
+                    raise DataError(f"{where_q}: missing or empty 'question'")
+                answers = [x.get("text") for x in qa.get("answers") or [] if isinstance(x, dict)]
+                answers = [x.strip() for x in answers if isinstance(x, str) and x.strip()]
+                if not answers:
+                    raise DataError(f"{where_q}: no answer with a non-empty 'text'")
+                examples.append(
+                    QAExample(
+                        id=str(qa.get("id") or f"{pid}:{q}"),
+                        question=question.strip(),
+                        answer=answers[0],
+                        answers=list(dict.fromkeys(answers)),
+                        gold_doc_ids=[pid],
+                        metadata={"title": title},
+                    )
+                )
+    if not examples:
+        raise DataError(f"{path}: no questions")
+    return examples, passages
+
+
+def split_by_field(
+    examples: Sequence[QAExample], field_name: str, eval_fraction: float, seed: int
+) -> tuple[list[QAExample], list[QAExample]]:
+    """Held-out questions by whole groups (SQuAD: by article), so no evaluation
+    paragraph's questions are trained on. A seeded choice of groups; both sides keep the
+    file's order."""
+    groups = sorted({_field_value(e, field_name) for e in examples})
+    if len(groups) < 2:
+        raise DataError(f"cannot split by {field_name!r}: fewer than 2 distinct values")
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_eval = min(len(groups) - 1, max(1, int(round(len(groups) * eval_fraction))))
+    held = {groups[i] for i in order[:n_eval].tolist()}
+    train = [e for e in examples if _field_value(e, field_name) not in held]
+    return train, [e for e in examples if _field_value(e, field_name) in held]
+
+
+def _sample(examples: list[QAExample], n: int | None, seed: int) -> list[QAExample]:
+    """``n`` questions drawn without replacement (seeded), in file order: a cap that still
+    spreads over every article, unlike the first ``n``."""
+    if not n or n >= len(examples):
+        return examples
+    keep = set(np.random.default_rng(seed).choice(len(examples), n, replace=False).tolist())
+    return [e for i, e in enumerate(examples) if i in keep]
 
 
 # --------------------------------------------------------------------------- generic rows
@@ -284,7 +407,31 @@ def split_train_eval(
     return train, held
 
 
+def _load_squad_dataset(cfg: DataConfig) -> RagDataset:
+    examples, passages = load_squad(resolve_data_path(cfg.path))
+    if cfg.max_articles:
+        titles = sorted({e.metadata["title"] for e in examples})
+        if cfg.max_articles < len(titles):
+            rng = np.random.default_rng(cfg.split_seed)
+            keep = {titles[i] for i in rng.choice(len(titles), cfg.max_articles, replace=False)}
+            examples = [e for e in examples if e.metadata["title"] in keep]
+            passages = [p for p in passages if p.metadata["title"] in keep]
+    if cfg.eval_path:
+        held, eval_passages = load_squad(resolve_data_path(cfg.eval_path))
+        train = examples
+        known = {p.id for p in passages}
+        passages += [p for p in eval_passages if p.id not in known]
+    else:
+        train, held = split_by_field(examples, "title", cfg.eval_fraction, cfg.split_seed)
+    # Seeded samples rather than the first n: the caps then spread over the articles.
+    train = _sample(train, cfg.max_train, cfg.split_seed + 1)
+    held = _sample(held, cfg.max_eval, cfg.split_seed + 2)
+    return RagDataset(train=train, eval=held, passages=passages)
+
+
 def load_dataset_from_config(cfg: DataConfig) -> RagDataset:
+    if cfg.format == "squad":
+        return _load_squad_dataset(cfg)
     if cfg.format == "pubmedqa":
         examples, passages = load_pubmedqa(resolve_data_path(cfg.path))
         if cfg.eval_path:

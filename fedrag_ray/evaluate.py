@@ -3,6 +3,12 @@
 Label accuracy (yes/no/maybe) scores each option with the REPLUG ensemble
 p(a|q) = sum_d p_R(d|q) p_LM(a|d,q) over the top-k passages, or closed-book with no
 passage; it never depends on free-form decoding luck.
+
+EM and F1 follow the official SQuAD v1.1 script: normalise (lower case, drop punctuation
+and the articles a/an/the, collapse white space), then take the best score over all gold
+answers. Every metric is also kept per question (:class:`Evaluation`), so each comes with
+a bootstrap interval and two evaluations of the same questions compare as a paired
+difference (``fedrag_ray.stats``).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import re
 import string
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +26,7 @@ from fedrag_ray.data import QAExample
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.progress import ProgressFn, report
 from fedrag_ray.rag import RAGSystem
+from fedrag_ray.stats import with_intervals
 
 
 def normalize_answer(text: str) -> str:
@@ -45,6 +53,15 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def best_over_answers(metric, prediction: str, answers: list[str]) -> float:  # noqa: ANN001
+    """SQuAD's ``metric_max_over_ground_truths``: the best score against any gold answer."""
+    return max(metric(prediction, a) for a in answers)
+
+
+def gold_answers(example: QAExample) -> list[str]:
+    return example.answers or [example.answer]
+
+
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1 over normalised tokens (longest common subsequence)."""
     pred = normalize_answer(prediction).split()
@@ -64,19 +81,37 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def hits_at_k(retrieved_doc_ids: list[list[str]], gold: list[list[str]], k: int) -> list[float]:
+    """Per question: 1.0 if a gold doc is in the top k, NaN for a question without gold."""
+    return [
+        float(bool(set(r[:k]) & set(g))) if g else float("nan")
+        for r, g in zip(retrieved_doc_ids, gold, strict=True)
+    ]
+
+
+def reciprocal_ranks(retrieved_doc_ids: list[list[str]], gold: list[list[str]]) -> list[float]:
+    out = []
+    for r, g in zip(retrieved_doc_ids, gold, strict=True):
+        if not g:
+            out.append(float("nan"))
+            continue
+        rank = next((i + 1 for i, d in enumerate(r) if d in set(g)), None)
+        out.append(1.0 / rank if rank else 0.0)
+    return out
+
+
+def _nanmean(values: list[float]) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
 def recall_at_k(retrieved_doc_ids: list[list[str]], gold: list[list[str]], k: int) -> float:
-    hits = [bool(set(r[:k]) & set(g)) for r, g in zip(retrieved_doc_ids, gold, strict=True) if g]
-    return float(np.mean(hits)) if hits else float("nan")
+    return _nanmean(hits_at_k(retrieved_doc_ids, gold, k))
 
 
 def mean_reciprocal_rank(retrieved_doc_ids: list[list[str]], gold: list[list[str]]) -> float:
-    rr = []
-    for r, g in zip(retrieved_doc_ids, gold, strict=True):
-        if not g:
-            continue
-        rank = next((i + 1 for i, d in enumerate(r) if d in set(g)), None)
-        rr.append(1.0 / rank if rank else 0.0)
-    return float(np.mean(rr)) if rr else float("nan")
+    return _nanmean(reciprocal_ranks(retrieved_doc_ids, gold))
 
 
 def option_reserve(system: RAGSystem, options: list[str]) -> int:
@@ -178,6 +213,16 @@ def retrieval_weights(scores: np.ndarray, idx: np.ndarray, tau: float) -> list[n
     return out
 
 
+@dataclass
+class Evaluation:
+    """Aggregate metrics (with ``<name>_lo`` / ``<name>_hi`` 95% bootstrap bounds) and the
+    per-question scores they came from, in the order of the evaluated questions."""
+
+    metrics: dict[str, float]
+    per_question: dict[str, list[float]] = field(default_factory=dict)
+    predictions: list[str] = field(default_factory=list)
+
+
 def evaluate(
     system: RAGSystem,
     examples: list[QAExample],
@@ -186,22 +231,35 @@ def evaluate(
     generate: bool = True,
     progress: ProgressFn | None = None,
 ) -> dict[str, float]:
-    """Retrieval and answer metrics of ``system`` on ``examples``; ``progress(stage,
-    done, total)`` after each batch of prompts (long evaluations show a moving count)."""
+    """Retrieval and answer metrics of ``system`` on ``examples`` (with interval bounds);
+    ``progress(stage, done, total)`` after each batch of prompts (a long evaluation
+    shows a moving count)."""
+    return evaluate_detailed(system, examples, store, closed_book, generate, progress).metrics
+
+
+def evaluate_detailed(
+    system: RAGSystem,
+    examples: list[QAExample],
+    store: KnowledgeStore | None = None,
+    closed_book: bool = False,
+    generate: bool = True,
+    progress: ProgressFn | None = None,
+) -> Evaluation:
+    """:func:`evaluate` with the per-question scores kept (paired comparisons need them)."""
     cfg = system.cfg
     store = store or system.store
     start = time.perf_counter()
     questions = [e.question for e in examples]
     gold = [e.gold_doc_ids for e in examples]
-    metrics: dict[str, float] = {"n": float(len(examples))}
+    per_q: dict[str, list[float]] = {}
     top_k = cfg.rag.top_k
     max_k = max([top_k, 10, *cfg.eval.k_values])
     scores, idx = system.retrieve(questions, max_k, store)
     retrieved = store.get(idx)  # passages per question, rank order (-1 hits dropped)
     doc_ids = [[p.doc_id for p in row] for row in retrieved]
     for k in cfg.eval.k_values:
-        metrics[f"recall@{k}"] = recall_at_k(doc_ids, gold, k)
-    metrics["mrr"] = mean_reciprocal_rank(doc_ids, gold)
+        per_q[f"recall@{k}"] = hits_at_k(doc_ids, gold, k)
+    per_q["mrr"] = reciprocal_ranks(doc_ids, gold)
 
     ctx_texts = None if closed_book else [[p.text for p in row[:top_k]] for row in retrieved]
     weights = (
@@ -209,28 +267,30 @@ def evaluate(
         if closed_book
         else retrieval_weights(scores[:, :top_k], idx[:, :top_k], cfg.train.lsr.tau)
     )
-    metrics.update(_answer_metrics(system, examples, ctx_texts, weights, generate, progress))
+    answers, predictions = _answer_scores(system, examples, ctx_texts, weights, generate, progress)
+    per_q.update(answers)
     if not closed_book and cfg.eval.closed_book:
         # The same questions with no passage: does retrieval matter? (no second search)
-        cb = evaluate_answers_closed_book(system, examples, generate, progress)
-        metrics.update({f"closed_book_{k}": v for k, v in cb.items()})
+        cb, _ = _answer_scores(system, examples, None, None, generate, progress, "closed-book ")
+        per_q.update({f"closed_book_{k}": v for k, v in cb.items()})
+    metrics: dict[str, float] = {"n": float(len(examples))}
+    metrics.update({k: _nanmean(v) for k, v in per_q.items()})
+    metrics = with_intervals(
+        metrics, per_q, cfg.eval.bootstrap_samples, cfg.eval.confidence, cfg.eval.bootstrap_seed
+    )
     metrics["eval_seconds"] = time.perf_counter() - start
-    return metrics
+    return Evaluation(metrics, per_q, predictions)
 
 
 def evaluate_answers_closed_book(
-    system: RAGSystem,
-    examples: list[QAExample],
-    generate: bool = True,
-    progress: ProgressFn | None = None,
+    system: RAGSystem, examples: list[QAExample], generate: bool = True
 ) -> dict[str, float]:
     """Answer metrics with no passage in the prompt."""
-    out = _answer_metrics(system, examples, None, None, generate, progress, "closed-book ")
-    out.pop("exact_match", None)
-    return out
+    per_q, _ = _answer_scores(system, examples, None, None, generate)
+    return {k: _nanmean(v) for k, v in per_q.items()}
 
 
-def _answer_metrics(
+def _answer_scores(
     system: RAGSystem,
     examples: list[QAExample],
     ctx_texts: list[list[str]] | None,
@@ -238,12 +298,14 @@ def _answer_metrics(
     generate: bool,
     progress: ProgressFn | None = None,
     prefix: str = "",
-) -> dict[str, float]:
-    """Label accuracy (REPLUG ensemble) and generated-answer EM / F1 / ROUGE-L, with the
-    given passages per question, or closed-book when ``ctx_texts`` is None."""
+) -> tuple[dict[str, list[float]], list[str]]:
+    """Per-question label accuracy (REPLUG ensemble; NaN for unlabelled questions) and
+    generated-answer EM / F1 / ROUGE-L, with the given passages per question, or
+    closed-book when ``ctx_texts`` is None; and the generated answers."""
     cfg = system.cfg
     questions = [e.question for e in examples]
-    out: dict[str, float] = {}
+    out: dict[str, list[float]] = {}
+    outs: list[str] = []
     labelled = [e for e in examples if e.label is not None]
     if labelled and cfg.data.answer == "label":
         preds = label_predictions(
@@ -255,9 +317,10 @@ def _answer_metrics(
             progress=progress,
             stage=f"{prefix}scoring labels",
         )
-        out["accuracy"] = float(
-            np.mean([p == e.label for p, e in zip(preds, examples, strict=True) if e.label])
-        )
+        out["accuracy"] = [
+            float(p == e.label) if e.label is not None else float("nan")
+            for p, e in zip(preds, examples, strict=True)
+        ]
     if generate and cfg.eval.generate:
         reserve = cfg.rag.max_new_tokens
         n_ctx = cfg.rag.generate_passages
@@ -265,14 +328,26 @@ def _answer_metrics(
             system.prompt(q, None if ctx_texts is None else ctx_texts[i][:n_ctx], reserve)
             for i, q in enumerate(questions)
         ]
-        outs = system.generator.generate(
+        generated = system.generator.generate(
             prompts, reserve, progress=progress, stage=f"{prefix}generating answers"
         )
-        pairs = list(zip(outs, [e.answer for e in examples], strict=True))
-        out["exact_match"] = float(np.mean([exact_match(o, r) for o, r in pairs]))
-        out["f1"] = float(np.mean([token_f1(o, r) for o, r in pairs]))
-        out["rouge_l"] = float(np.mean([rouge_l(o, r) for o, r in pairs]))
-    return out
+        outs = [first_line(o) for o in generated]
+        golds = [gold_answers(e) for e in examples]
+        out["exact_match"] = [
+            best_over_answers(exact_match, o, g) for o, g in zip(outs, golds, strict=True)
+        ]
+        out["f1"] = [best_over_answers(token_f1, o, g) for o, g in zip(outs, golds, strict=True)]
+        out["rouge_l"] = [
+            best_over_answers(rouge_l, o, g) for o, g in zip(outs, golds, strict=True)
+        ]
+    return out, outs
+
+
+def first_line(text: str) -> str:
+    """A generated answer ends at its first line break: what follows is the model
+    continuing past its answer (a new "question:", an explanation), never part of it."""
+    text = text.strip()
+    return text.split("\n", 1)[0].strip() if text else text
 
 
 def closed_book_accuracy(system: RAGSystem, examples: list[QAExample]) -> float:

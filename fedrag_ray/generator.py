@@ -92,6 +92,10 @@ class Generator:
         peft = import_peft(quantized=cfg.quantization != "none")
         LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
         self.cfg = cfg
+        # Tokens through the model, by kind ("train": forwards that will be backpropagated,
+        # "score": no-grad scoring, "prompt" / "generated": decoding), for throughput and
+        # achieved-FLOP/s figures; never reset here.
+        self.token_counts: Counter[str] = Counter()
         self.device_ = device if isinstance(device, torch.device) else resolve_device(device)
         self.autocast_dtype = compute_dtype(cfg, self.device_)
         path = resolve_generator_path(cfg.model, cfg.tiny_spec, seed)
@@ -359,6 +363,7 @@ class Generator:
         """(logits, labels) over the last L positions, L = the longest answer: the model's
         own forward computes logits only there (``logits_to_keep``)."""
         ids, mask, pos, labels = self.encode_pairs(prompts, answers)
+        self.token_counts["train" if torch.is_grad_enabled() else "score"] += int(mask.sum())
         span = int((labels != -100).sum(dim=1).max())
         with self.autocast():
             out = self.model(
@@ -507,8 +512,11 @@ class Generator:
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, generation_config=gen_cfg
                 )
+            self.token_counts["prompt"] += int(mask.sum())
+            new = out[:, width:]
+            self.token_counts["generated"] += int((new != pad).sum())
             for r, i in enumerate(chunk):
-                outs[i] = self.tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+                outs[i] = self.tokenizer.decode(new[r], skip_special_tokens=True).strip()
             report(progress, stage, len(outs), len(order))
         return [outs[i] for i in range(len(prompts))]
 

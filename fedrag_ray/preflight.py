@@ -183,6 +183,9 @@ def preflight(
         check_writable(store, "knowledge_store.path")
     if resume is not None:
         check_resume(cfg, resume)
+    if cfg.train.init_from:
+        init = Path(cfg.train.init_from).expanduser()
+        check_state_file(init / "trainable_state.npz" if init.is_dir() else init, "train.init_from")
     data = load_dataset_from_config(cfg.data) if load_data else None
     if data is not None:
         check_federation(cfg, data)

@@ -17,8 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import pytest  # noqa: E402
+from shared_data import pubmedqa_sample_path  # noqa: E402
 
-BUNDLED_SAMPLE = "bundled:pubmedqa_sample.json"
 N_SMALL = 40  # questions whose abstracts form the small shared corpus (~135 passages)
 
 
@@ -38,9 +38,9 @@ def fedrag_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pubmedqa_sample():
     """(examples, passages) of the bundled 200-question PubMedQA sample."""
-    from fedrag_ray.data import load_pubmedqa, resolve_data_path
+    from fedrag_ray.data import load_pubmedqa
 
-    return load_pubmedqa(resolve_data_path(BUNDLED_SAMPLE))
+    return load_pubmedqa(pubmedqa_sample_path())
 
 
 @pytest.fixture(scope="session")

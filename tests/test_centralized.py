@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from shared_data import pubmedqa_sample_raw
 
 from fedrag_ray.centralized import prepare_store, run_centralized
 from fedrag_ray.config import config_from_dict
-from fedrag_ray.data import BUNDLED_DATA, load_dataset_from_config
+from fedrag_ray.data import load_dataset_from_config
 from fedrag_ray.knowledge_store import KnowledgeStore
 
 TIMINGS = ("setup_s", "index_s", "eval_before_s", "train_s", "eval_after_s", "total_s")
@@ -18,7 +19,7 @@ TIMINGS = ("setup_s", "index_s", "eval_before_s", "train_s", "eval_after_s", "to
 @pytest.fixture(scope="module")
 def centralized_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("centralized")
-    raw = json.loads((BUNDLED_DATA / "pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     data = tmp / "pqa_small.json"
     data.write_text(json.dumps(dict(list(raw.items())[:30])))
     cfg = config_from_dict(

@@ -179,6 +179,12 @@ CASES = [
         "--state",
         _setup_not_npz,
     ),
+    (
+        "init-from-missing",
+        ["train", "{w}/tiny.yaml", "--set", "train.init_from={w}/no_run"],
+        "train.init_from",
+        None,
+    ),
     ("simulate-centralized-config", ["simulate", "{w}/tiny.yaml"], "federation", None),
     (
         "sample-exceeds-clients",

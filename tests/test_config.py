@@ -77,9 +77,9 @@ def test_relative_data_paths_resolve_against_the_yaml_file(tmp_path):
     cfg = load_config(_write(sub, VALID))
     assert cfg.data.path == str((sub / "data" / "qa.jsonl").resolve())
     assert cfg.data.corpus == str((sub / "data" / "corpus.jsonl").resolve())
-    # bundled data is left as a bundled reference
-    cfg2 = load_config(_write(tmp_path, "data: {path: 'bundled:pubmedqa_sample.json'}\n"))
-    assert cfg2.data.path == "bundled:pubmedqa_sample.json"
+    # a data-directory reference is left as it is
+    cfg2 = load_config(_write(tmp_path, "data: {path: 'data:squad/train.json.gz'}\n"))
+    assert cfg2.data.path == "data:squad/train.json.gz"
 
 
 def test_no_federation_section_means_centralized(tmp_path):

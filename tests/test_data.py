@@ -9,16 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import SQUAD, pubmedqa_sample_path, pubmedqa_sample_raw
 
 from fedrag_ray.config import DataConfig
 from fedrag_ray.data import (
-    BUNDLED_DATA,
     DataError,
     QAExample,
     load_corpus_rows,
     load_dataset_from_config,
     load_pubmedqa,
     load_qa_rows,
+    load_squad,
     partition_examples,
     resolve_data_path,
     split_train_eval,
@@ -33,7 +34,7 @@ def test_bundled_pubmedqa_sample(pubmedqa_sample):
     assert len(passages) == 679
     assert len({p.id for p in passages}) == 679
     assert len({e.id for e in examples}) == 200
-    raw = json.loads((BUNDLED_DATA / "pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     first_id, first = next(iter(raw.items()))
     ex = examples[0]
     assert ex.id == first_id and ex.question == first["QUESTION"]
@@ -49,7 +50,7 @@ def test_bundled_pubmedqa_sample(pubmedqa_sample):
 
 
 def _sample_items(n: int = 3) -> dict:
-    raw = json.loads((BUNDLED_DATA / "pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     return dict(list(raw.items())[:n])
 
 
@@ -85,19 +86,30 @@ def test_pubmedqa_bad_values(tmp_path):
         load_pubmedqa(path)
 
 
-def test_missing_data_file():
+def test_missing_data_file(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="not found"):
-        resolve_data_path("bundled:no_such_file.json")
+        resolve_data_path(str(tmp_path / "no_such_file.json"))
+    # a data: path names where it looked and how to get the dataset
+    monkeypatch.setenv("FEDRAG_RAY_DATA", str(tmp_path))
+    with pytest.raises(DataError) as exc:
+        resolve_data_path("data:squad/squad-train-v1.1.json.gz")
+    msg = str(exc.value)
+    assert str(tmp_path / "squad" / "squad-train-v1.1.json.gz") in msg
+    assert "fedrag-ray data download squad" in msg
 
 
 def test_dataset_from_config_split_and_limits():
-    ds = load_dataset_from_config(DataConfig())
+    sample = str(pubmedqa_sample_path())
+    ds = load_dataset_from_config(DataConfig(path=sample))
     assert len(ds.train) == 160 and len(ds.eval) == 40
     assert not {e.id for e in ds.train} & {e.id for e in ds.eval}
     assert len(ds.passages) == 679
-    small = load_dataset_from_config(DataConfig(max_train=8, max_eval=4, split_seed=1))
+    # the default reads the full PQA-L train/validation file from the data directory
+    full = load_dataset_from_config(DataConfig())
+    assert len(full.train) == 400 and len(full.eval) == 100
+    small = load_dataset_from_config(DataConfig(path=sample, max_train=8, max_eval=4, split_seed=1))
     assert len(small.train) == 8 and len(small.eval) == 4
-    long = load_dataset_from_config(DataConfig(answer="long", max_train=5))
+    long = load_dataset_from_config(DataConfig(path=sample, answer="long", max_train=5))
     assert all(e.answer == e.long_answer and e.label in ("yes", "no", "maybe") for e in long.train)
 
 
@@ -395,3 +407,101 @@ def test_partitioning_100k_clients_is_linear_time():
         assert len(parts) == 100_000 and all(parts), kind
         assert sum(len(p) for p in parts) == 200_000
         assert seconds < 20, (kind, seconds)
+
+
+# --------------------------------------------------------------------------- SQuAD
+
+
+def _squad_file(tmp_path, articles, gz=False):
+    import gzip
+
+    doc = json.dumps({"version": "1.1", "data": articles})
+    path = tmp_path / ("squad.json.gz" if gz else "squad.json")
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(doc)
+    else:
+        path.write_text(doc)
+    return path
+
+
+def _article(title, paragraphs):
+    return {
+        "title": title,
+        "paragraphs": [
+            {
+                "context": ctx,
+                "qas": [
+                    {
+                        "id": f"{title}-{p}-{q}",
+                        "question": qu,
+                        "answers": [{"text": a} for a in ans],
+                    }
+                    for q, (qu, ans) in enumerate(qas)
+                ],
+            }
+            for p, (ctx, qas) in enumerate(paragraphs)
+        ],
+    }
+
+
+def test_squad_loader_passages_gold_and_all_answers(tmp_path):
+    arts = [
+        _article("Alpha", [("Alpha was founded in 1900.", [("When?", ["1900", "in 1900"])])]),
+        _article("Beta", [("Beta is blue.", [("Colour?", ["blue"])]), ("No questions.", [])]),
+    ]
+    for gz in (False, True):
+        examples, passages = load_squad(_squad_file(tmp_path, arts, gz))
+        # every paragraph is a passage, also one without questions (open-domain corpus)
+        assert [p.id for p in passages] == ["0:0", "1:0", "1:1"]
+        assert [p.metadata["title"] for p in passages] == ["Alpha", "Beta", "Beta"]
+        assert [e.gold_doc_ids for e in examples] == [["0:0"], ["1:0"]]
+        assert examples[0].answers == ["1900", "in 1900"] and examples[0].answer == "1900"
+        assert examples[1].metadata["title"] == "Beta"
+
+
+def test_squad_malformed_rows_name_file_article_and_question(tmp_path):
+    arts = [_article("Alpha", [("Text.", [("Q?", ["a"]), ("Q2?", ["  "])])])]
+    path = _squad_file(tmp_path, arts)
+    with pytest.raises(DataError) as exc:
+        load_squad(path)
+    msg = str(exc.value)
+    assert str(path) in msg and "'Alpha'" in msg and "paragraph 0, question 1" in msg
+    path.write_text('{"data": [\n{"title": "x",\n oops}]}')
+    with pytest.raises(DataError, match=r"squad.json: line 3: invalid JSON"):
+        load_squad(path)
+    path.write_text('{"version": "1.1"}')
+    with pytest.raises(DataError, match="'data' list"):
+        load_squad(path)
+    bad_gz = tmp_path / "bad.json.gz"
+    bad_gz.write_text("not gzip")
+    with pytest.raises(DataError, match="bad.json.gz: cannot be read"):
+        load_squad(bad_gz)
+
+
+def test_squad_split_by_article_never_shares_a_paragraph():
+    cfg = DataConfig(format="squad", path=SQUAD, max_articles=40, eval_fraction=0.25)
+    ds = load_dataset_from_config(cfg)
+    train_titles = {e.metadata["title"] for e in ds.train}
+    eval_titles = {e.metadata["title"] for e in ds.eval}
+    assert len(train_titles) == 30 and len(eval_titles) == 10
+    assert not train_titles & eval_titles
+    assert not {d for e in ds.train for d in e.gold_doc_ids} & {
+        d for e in ds.eval for d in e.gold_doc_ids
+    }
+    # the corpus holds every paragraph of the kept articles, the eval ones included
+    assert {p.metadata["title"] for p in ds.passages} == train_titles | eval_titles
+    ids = {p.doc_id for p in ds.passages}
+    assert all(e.gold_doc_ids[0] in ids for e in ds.train + ds.eval)
+    # caps are seeded samples across articles, not the first n questions
+    capped = load_dataset_from_config(cfg.model_copy(update={"max_train": 50, "max_eval": 30}))
+    assert len(capped.train) == 50 and len(capped.eval) == 30
+    assert len({e.metadata["title"] for e in capped.eval}) > 5
+    again = load_dataset_from_config(cfg.model_copy(update={"max_train": 50, "max_eval": 30}))
+    assert [e.id for e in again.eval] == [e.id for e in capped.eval]
+
+
+def test_squad_full_file_counts():
+    examples, passages = load_squad(resolve_data_path(SQUAD))
+    assert len(examples) == 87599 and len(passages) == 18896
+    assert len({e.metadata["title"] for e in examples}) == 442

@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from shared_data import pubmedqa_sample_raw
 
 from fedrag_ray.centralized import run_centralized
 from fedrag_ray.config import config_from_dict
-from fedrag_ray.data import BUNDLED_DATA
 from fedrag_ray.export import ExportError, export_run, load_run, resolve_run
 from fedrag_ray.knowledge_store import KnowledgeStore
 
@@ -27,7 +27,7 @@ QUERIES = ["Do mitochondria matter in apoptosis?", "Is aspirin effective after s
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    raw = json.loads((BUNDLED_DATA / "pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     path = tmp_path_factory.mktemp("data") / "pqa_20.json"
     path.write_text(json.dumps(dict(list(raw.items())[:20])))
     return path

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from shared_data import pubmedqa_sample_raw
 
 from fedrag_ray.config import apply_overrides, config_from_dict
 
@@ -22,9 +23,8 @@ FEDRAG = [sys.executable, "-m", "fedrag_ray.cli"]
 @pytest.fixture(scope="module", autouse=True)
 def tiny_data(tmp_path_factory):
     """40 PubMedQA items (~135 passages): small enough to embed in seconds per run."""
-    from fedrag_ray.data import resolve_data_path
 
-    raw = json.loads(resolve_data_path("bundled:pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     path = tmp_path_factory.mktemp("data") / "pubmedqa_40.json"
     path.write_text(json.dumps(dict(list(raw.items())[:40])))
     TINY_DATA["path"] = str(path)

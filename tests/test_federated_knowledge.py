@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from shared_data import pubmedqa_sample_raw
 
 from fedrag_ray.config import apply_overrides, config_from_dict
 
@@ -14,9 +15,8 @@ from fedrag_ray.config import apply_overrides, config_from_dict
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """40 PubMedQA items (~135 passages): small enough to embed in seconds per run."""
-    from fedrag_ray.data import resolve_data_path
 
-    raw = json.loads(resolve_data_path("bundled:pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     path = tmp_path_factory.mktemp("data") / "pubmedqa_40.json"
     path.write_text(json.dumps(dict(list(raw.items())[:40])))
     return path

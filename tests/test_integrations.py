@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from shared_data import pubmedqa_sample_raw
 
 from fedrag_ray.centralized import run_centralized
 from fedrag_ray.config import config_from_dict
-from fedrag_ray.data import BUNDLED_DATA
 from fedrag_ray.export import load_run
 
 DOCS = {
@@ -27,7 +27,7 @@ QUESTION = "Which vitamin prevents scurvy?"
 def system(tmp_path_factory):
     """A fine-tuned (RALT, 2 steps) tiny system, loaded back from its run directory."""
     tmp = tmp_path_factory.mktemp("bridge")
-    raw = json.loads((BUNDLED_DATA / "pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     data = tmp / "pqa_12.json"
     data.write_text(json.dumps(dict(list(raw.items())[:12])))
     cfg = config_from_dict(

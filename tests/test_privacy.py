@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import GaussianPrivacyEvent
 from flwr.supercore.task_identity import TaskIdentity
+from shared_data import pubmedqa_sample_raw
 
 from fedrag_ray.config import ConfigError, config_from_dict
 from fedrag_ray.federated.params import from_record, to_record
@@ -230,9 +231,8 @@ def test_local_dp_mod_clips_and_noises_every_reply():
 
 
 def tiny_federated(tmp_path, federation: dict, seed: int = 0) -> dict:
-    from fedrag_ray.data import resolve_data_path
 
-    raw = json.loads(resolve_data_path("bundled:pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     path = tmp_path / "pubmedqa_40.json"
     path.write_text(json.dumps(dict(list(raw.items())[:40])))
     return {

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from shared_data import pubmedqa_sample_raw
 
 from fedrag_ray.config import ConfigError, config_from_dict
 from fedrag_ray.federated.faults import parse_faults
@@ -21,9 +22,8 @@ TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 def tiny_federated(tmp_path, federation: dict) -> dict:
     """A federated run at test size: 40 PubMedQA items, tiny generator, 1 local step."""
-    from fedrag_ray.data import resolve_data_path
 
-    raw = json.loads(resolve_data_path("bundled:pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     path = tmp_path / "pubmedqa_40.json"
     path.write_text(json.dumps(dict(list(raw.items())[:40])))
     return {

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from shared_data import pubmedqa_sample_raw
 
 from fedrag_ray.config import ConfigError
 from fedrag_ray.tune import parse_tune_config, trial_actor_count
@@ -15,9 +16,8 @@ from fedrag_ray.tune import parse_tune_config, trial_actor_count
 
 @pytest.fixture(scope="module")
 def sweep_raw(tmp_path_factory) -> dict:
-    from fedrag_ray.data import resolve_data_path
 
-    raw = json.loads(resolve_data_path("bundled:pubmedqa_sample.json").read_text())
+    raw = pubmedqa_sample_raw()
     data = tmp_path_factory.mktemp("data") / "pubmedqa_30.json"
     data.write_text(json.dumps(dict(list(raw.items())[:30])))
     return {

@@ -220,7 +220,8 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
     @app.evaluate()
     def server_task(msg: Message, context: Context) -> Message:
         """Model work on behalf of the server (see the module docstring)."""
-        from fedrag_ray.evaluate import evaluate
+        from fedrag_ray.evaluate import evaluate_detailed
+        from fedrag_ray.stats import join_per_question
 
         config: ConfigRecord = msg.content[CONFIG_KEY]
         task = str(config[TASK_KEY])
@@ -250,9 +251,12 @@ def make_client_app(cfg_json: str, stores_root: str) -> ClientApp:
         if task != TASK_EVALUATE:
             raise ValueError(f"unknown server task {task!r}")
         rt.system.load_trainable_state(from_record(msg.content[ARRAYS_KEY]))
-        metrics = evaluate(rt.system, rt.eval, rt.global_store_for_server())
+        ev = evaluate_detailed(rt.system, rt.eval, rt.global_store_for_server())
         release_free_memory()
-        return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+        # per-question scores travel too: the server pairs the first and the last
+        # evaluation of the same questions for the gain's interval
+        record = MetricRecord(join_per_question(ev.metrics, ev.per_question))
+        return Message(RecordDict({METRICS_KEY: record}), reply_to=msg)
 
     @app.train(mods=train_mods(cfg_json))
     def train(msg: Message, context: Context) -> Message:

@@ -23,6 +23,9 @@ from flwr.common.constant import PARTITION_ID_KEY
 ARRAYS_KEY = "arrays"  # ArrayRecord: the trainable arrays (global down, trained up)
 CONFIG_KEY = "config"  # ConfigRecord of a server message
 METRICS_KEY = "metrics"  # MetricRecord of a reply
+# In an evaluation row: each question's scores by metric (fedrag_ray.stats keeps the
+# flat-record form, ``per_question/<metric>`` lists, for the MetricRecord itself).
+PER_QUESTION_KEY = "per_question"
 
 # Config keys of server messages.
 SERVER_ROUND_KEY = "server-round"  # Flower's strategies inject it too

@@ -58,6 +58,7 @@ from fedrag_ray.federated.protocol import (
     INDEX_SECONDS_KEY,
     METRICS_KEY,
     PARTITION_KEY,
+    PER_QUESTION_KEY,
     SERVER_ROUND_KEY,
     TASK_EVALUATE,
     TASK_KEY,
@@ -73,6 +74,7 @@ from fedrag_ray.federated.secagg import max_weight, secure_round
 from fedrag_ray.federated.strategies import build_strategy, load_strategy_state, strategy_state
 from fedrag_ray.federated.validation import InvalidUpdate, check_arrays, split_valid
 from fedrag_ray.progress import ProgressFn, report
+from fedrag_ray.stats import split_per_question
 
 RoundCallback = Callable[[dict[str, Any]], None]
 # Instead of training: work on the prepared federation (federated retrieval at inference,
@@ -189,9 +191,12 @@ class FederatedServer:
                 errors.append(reply.error.reason)
         raise RuntimeError(f"server task {task!r} failed on every node tried: {errors[:3]}")
 
-    def evaluate(self, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(self, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The metrics of ``arrays`` (with interval bounds) and, under ``per_question``,
+        each question's scores (for the paired before/after interval)."""
         reply = self.server_task(grid, TASK_EVALUATE, arrays)
-        return {k: float(v) for k, v in reply.content[METRICS_KEY].items()}
+        scalars, per_question = split_per_question(dict(reply.content[METRICS_KEY].items()))
+        return {**scalars, PER_QUESTION_KEY: per_question}
 
     def build_strategy(self, privacy_state: dict[str, Any]) -> tuple[Any, PrivacyLedger | None]:
         """Flower's strategy, in Flower's DP wrapper when configured, and the privacy

@@ -31,6 +31,7 @@ from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.data import RagDataset, load_dataset_from_config
 from fedrag_ray.federated.client_app import global_store_path, make_client_app, store_dir
 from fedrag_ray.federated.knowledge import public_store_path
+from fedrag_ray.federated.protocol import PER_QUESTION_KEY
 from fedrag_ray.federated.ray_backend import SimulationNodes, fedrag_backend
 from fedrag_ray.federated.ray_head import lean_local_head, workers_at_driver_niceness
 from fedrag_ray.federated.resources import cluster_client_slots, ray_client_resources
@@ -46,6 +47,7 @@ from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStore, read_manifest
 from fedrag_ray.progress import ProgressFn
 from fedrag_ray.provenance import check_provenance, shard_provenance
 from fedrag_ray.runtime import configure_process, quiet_env, verbose
+from fedrag_ray.stats import paired_gains
 
 SHARD_WRITERS = 8  # concurrent shard saves: the fsyncs of KnowledgeStore.save overlap
 
@@ -360,6 +362,16 @@ def _run_federated(
         "history": history,
         "metrics_before": _quality(first),
         "metrics_after": _quality(last),
+        # last minus first evaluation on the same questions, paired bootstrap interval
+        "gain": paired_gains(
+            last.get(PER_QUESTION_KEY, {}),
+            first.get(PER_QUESTION_KEY, {}),
+            cfg.eval.bootstrap_samples,
+            cfg.eval.confidence,
+            cfg.eval.bootstrap_seed,
+        )
+        if len(history) > 1
+        else {},
         "bytes_per_round": float(np.mean([h["bytes_sent"] + h["bytes_received"] for h in rounds]))
         if rounds
         else 0.0,

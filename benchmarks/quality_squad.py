@@ -1,0 +1,631 @@
+"""Does fine-tuning help, by how much, and how sure are we? Open-domain SQuAD v1.1 with
+the real default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2).
+
+    python benchmarks/quality_squad.py [--only ROW ...] [--seeds 3] [--eval 1000]
+
+Task: retrieval over every paragraph of the SQuAD v1.1 training file (18,896 passages);
+validation questions are a seeded sample of whole articles that no training step sees
+(``data.eval_fraction`` 0.2 of the 442 articles, ``data.max_eval`` questions). EM / F1 use
+the official normalisation and the best over the gold answers; the answer is the first
+line the generator writes (16 new tokens at most), from the top retrieved paragraph.
+
+Rows (run directories under ``runs/quality_squad/``; a row whose resolved config is
+unchanged is reused, so an interrupted benchmark continues where it stopped):
+
+- ``zero_shot``: the untouched models, with retrieval and closed-book;
+- ``ralt_s<seed>``: RALT (generator LoRA r 16 on q/k/v/o, top-1 retrieved passage), one
+  row per training seed;
+- ``lsr_s0``: LSR on the query encoder's LoRA with the RALT-trained generator
+  (``ralt_s0``) as the teacher, evaluated with that generator — RA-DIT's two stages, both
+  components tuned; ``lsr_only_s0`` evaluates the same retriever with the base generator;
+- ``fed_s<seed>``: 8 clients that each hold the questions of their own articles (≤ 100),
+  private paragraphs per client plus the public rest, FedAvg, rounds x local steps;
+  ``central_eq_s<seed>``: one site on the same questions for the same total steps;
+  ``local_c<k>``: client k trains alone for the steps it does in the federation.
+
+Every metric carries a 95% bootstrap interval over the questions; every comparison is the
+paired difference on the same questions with its interval, and counts as a win only when
+the interval excludes 0. Multi-seed rows average each question's score over the seeds
+(the interval then covers question sampling) and report the spread over seeds beside it.
+Throughput: training tokens/s, evaluated questions/s and the achieved FLOP/s as a share
+of this machine's fp32 / bf16 matmul peak, measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+from common import ROOT, write_result  # noqa: E402
+
+RUNS = ROOT / "runs" / "quality_squad"  # --runs
+STORE = ROOT / "runs" / "stores" / "squad"  # --runs/../stores/squad with --runs
+TARGETS = {
+    "ralt_vs_zero_shot": 0.25,
+    "ralt_rag_vs_closed_book": 0.15,
+    "lsr_recall@1": 0.05,
+    "lsr_end_to_end": 0.0,
+    "radit_vs_best_single": 0.0,
+    "fed_vs_local_mean": 0.05,
+    "fed_vs_central": -0.03,
+}
+
+
+@dataclass
+class Row:
+    """One run: ``kind`` is eval (no training), train (centralized), federated or local;
+    ``overrides`` are dotted config fields on top of the bundled ``squad`` config."""
+
+    name: str
+    label: str
+    kind: str
+    overrides: dict[str, Any]
+    needs: tuple[str, ...] = ()
+    client: int | None = None
+
+
+def base_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    extra = {"data.max_articles": args.max_articles} if args.max_articles else {}
+    return {
+        **extra,
+        "data.max_eval": args.eval,
+        "knowledge_store.path": str(STORE),
+        "eval.closed_book": True,
+        "train.max_steps": args.steps,
+    }
+
+
+def fed_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The federated task: ``squad_federated``'s shape (8 clients by article, 100
+    questions each at most) with this benchmark's evaluation set and store."""
+    return {
+        **base_overrides(args),
+        "data.max_train": 8 * args.client_questions,
+        "federation.num_clients": 8,
+        "federation.rounds": args.rounds,
+        "federation.local_steps": args.local_steps,
+        "federation.partition.type": "field",
+        "federation.partition.field": "title",
+        "federation.knowledge": "both",
+        "federation.client_resources.num_cpus": 1,
+        "federation.eval_every": args.rounds,
+    }
+
+
+def all_rows(args: argparse.Namespace) -> list[Row]:
+    """In priority order: the headline rows first."""
+    base = base_overrides(args)
+    seeds = range(args.seeds)
+    rows = [Row("zero_shot", "zero-shot RAG", "eval", base)]
+    rows += [
+        Row(f"ralt_s{s}", "RALT", "train", {**base, "seed": s, "eval.before": False}) for s in seeds
+    ]
+    rows.append(
+        Row(
+            "lsr_s0",
+            "RA-DIT: LSR (RALT teacher) + RALT",
+            "train",
+            {
+                **base,
+                "train.method": "lsr",
+                "train.init_from": str(RUNS / "ralt_s0"),
+                "eval.before": False,
+            },
+            needs=("ralt_s0",),
+        )
+    )
+    rows.append(Row("lsr_only_s0", "LSR only", "eval", base, needs=("lsr_s0",)))
+    fed_steps = args.rounds * args.local_steps
+    fed = fed_overrides(args)
+    central = {k: v for k, v in fed.items() if not k.startswith("federation.")}
+    for s in seeds:
+        rows.append(Row(f"fed_s{s}", "federated (8 clients)", "federated", {**fed, "seed": s}))
+        rows.append(
+            Row(
+                f"central_eq_s{s}",
+                "centralized, equal steps",
+                "train",
+                {**central, "seed": s, "train.max_steps": 8 * fed_steps, "eval.before": False},
+            )
+        )
+    for c in range(8):
+        rows.append(
+            Row(
+                f"local_c{c}",
+                "local-only",
+                "local",
+                {**fed, "train.max_steps": fed_steps, "eval.before": False},
+                client=c,
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _config(row: Row) -> Any:
+    from fedrag_ray.config import load_config
+
+    cfg = load_config("squad", row.overrides)
+    if row.kind in ("train", "local", "eval"):
+        cfg = cfg.model_copy(update={"federation": None})
+    return cfg
+
+
+def _fingerprint(row: Row, cfg: Any) -> str:
+    doc = json.dumps({"kind": row.kind, "client": row.client, "cfg": cfg.model_dump(mode="json")})
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def _reusable(run_dir: Path, fingerprint: str) -> bool:
+    meta = run_dir / "row.json"
+    return (
+        (run_dir / "results.json").exists()
+        and meta.exists()
+        and json.loads(meta.read_text()).get("fingerprint") == fingerprint
+    )
+
+
+def _eval_only(row: Row, cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """Evaluate without training: the base models, or (``lsr_only``) the LSR row's
+    retriever with the base generator."""
+    from fedrag_ray.centralized import load_init_state, prepare_store
+    from fedrag_ray.data import eval_examples, load_dataset_from_config
+    from fedrag_ray.evaluate import evaluate_detailed
+    from fedrag_ray.rag import RAGSystem
+
+    if row.needs:  # the retriever arrays of the row it depends on, nothing else
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": "lsr"})})
+    data = load_dataset_from_config(cfg.data)
+    system = RAGSystem(cfg)
+    if row.needs:
+        state = np.load(RUNS / row.needs[0] / "trainable_state.npz")
+        retriever_only = {k: v for k, v in state.items() if k.startswith("retriever.")}
+        tmp = run_dir / "retriever_state.npz"
+        np.savez(tmp, **retriever_only)
+        load_init_state(system, tmp)
+    store = prepare_store(system, data)
+    held = eval_examples(cfg, data)
+    t = time.perf_counter()
+    ev = evaluate_detailed(system, held, store)
+    return {
+        "metrics_after": ev.metrics,
+        "per_question_after": ev.per_question,
+        "predictions_after": ev.predictions,
+        "eval_ids": [e.id for e in held],
+        "timings": {"eval_after_s": time.perf_counter() - t},
+        "token_counts": dict(system.generator.token_counts),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def _train(row: Row, cfg: Any, run_dir: Path) -> dict[str, Any]:
+    from fedrag_ray.centralized import run_centralized
+
+    subset = None
+    if row.kind == "local":
+        from fedrag_ray.data import load_dataset_from_config
+        from fedrag_ray.federated.sampling import client_partitions
+
+        fed_cfg = _fed_config_of(row)
+        train = load_dataset_from_config(fed_cfg.data).train
+        subset = client_partitions(fed_cfg, train)[row.client]
+    res = run_centralized(cfg, run_dir, train_subset=subset)
+    system = res.pop("system")
+    res["token_counts"] = dict(system.generator.token_counts)
+    res["train_questions"] = len(subset) if subset is not None else res["num_train"]
+    return res
+
+
+def _fed_config_of(row: Row) -> Any:
+    from fedrag_ray.config import load_config
+
+    return load_config("squad", row.overrides)
+
+
+def _federated(row: Row, cfg: Any, run_dir: Path) -> dict[str, Any]:
+    from fedrag_ray.federated import run_federated
+
+    res = run_federated(cfg, run_dir, num_cpus=1)
+    res.pop("final_arrays", None)
+    return res
+
+
+RUNNERS: dict[str, Callable[[Row, Any, Path], dict[str, Any]]] = {
+    "eval": _eval_only,
+    "train": _train,
+    "local": _train,
+    "federated": _federated,
+}
+
+
+def run_row(row: Row) -> dict[str, Any]:
+    """The row's results (from its run directory when its config is unchanged)."""
+    from fedrag_ray.atomic import atomic_write_json
+
+    cfg = _config(row) if row.kind != "federated" else _fed_config_of(row)
+    run_dir = RUNS / row.name
+    fingerprint = _fingerprint(row, cfg)
+    if _reusable(run_dir, fingerprint):
+        print(f"[{row.name}] reusing {run_dir}", flush=True)
+        return json.loads((run_dir / "results.json").read_text())
+    for dep in row.needs:
+        if not (RUNS / dep / "results.json").exists():
+            raise RuntimeError(f"row {row.name} needs row {dep}: run it first")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[{row.name}] running ({row.kind})", flush=True)
+    t = time.perf_counter()
+    res = RUNNERS[row.kind](row, cfg, run_dir)
+    res["wall_s"] = time.perf_counter() - t
+    atomic_write_json(run_dir / "results.json", _jsonable(res))
+    atomic_write_json(run_dir / "row.json", {"fingerprint": fingerprint, "name": row.name})
+    print(f"[{row.name}] done in {res['wall_s']:.0f}s: {_brief(res)}", flush=True)
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: getattr(o, "tolist", lambda: str(o))()))
+
+
+def _brief(res: dict[str, Any]) -> str:
+    m = res.get("metrics_after", {})
+    return ", ".join(f"{k} {m[k]:.3f}" for k in ("exact_match", "f1", "recall@1") if k in m)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def per_question(res: dict[str, Any]) -> dict[str, list[float]]:
+    """A row's per-question scores after training (federated: the last evaluation)."""
+    if "per_question_after" in res:
+        return res["per_question_after"]
+    return res["history"][-1].get("per_question", {})
+
+
+def seed_average(results: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Each question's score averaged over the rows (seeds or clients)."""
+    keys = set.intersection(*(set(per_question(r)) for r in results))
+    return {k: np.mean([per_question(r)[k] for r in results], axis=0) for k in sorted(keys)}
+
+
+def summarise(name: str, label: str, results: list[dict[str, Any]], cfg_eval: Any) -> dict:
+    from fedrag_ray.stats import bootstrap_ci
+
+    avg = seed_average(results)
+    metrics = {}
+    for k, v in avg.items():
+        ci = bootstrap_ci(v, cfg_eval["samples"], cfg_eval["confidence"], cfg_eval["seed"])
+        per_seed = [float(np.nanmean(per_question(r)[k])) for r in results]
+        metrics[k] = {
+            "mean": ci.mean,
+            "lo": ci.lo,
+            "hi": ci.hi,
+            "seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None,
+            "per_seed": per_seed,
+        }
+    return {"label": label, "seeds": len(results), "rows": name, "metrics": metrics}
+
+
+def compare(
+    name: str,
+    label: str,
+    metric: str,
+    after: dict[str, np.ndarray],
+    before: dict[str, np.ndarray],
+    cfg_eval: dict[str, Any],
+    seeds: int,
+    target: float | None,
+    after_metric: str | None = None,
+) -> dict[str, Any]:
+    from fedrag_ray.stats import paired_difference
+
+    d = paired_difference(
+        after[after_metric or metric],
+        before[metric],
+        cfg_eval["samples"],
+        cfg_eval["confidence"],
+        cfg_eval["seed"],
+    )
+    return {
+        "name": name,
+        "label": label,
+        "metric": metric if after_metric is None else f"{after_metric} - {metric}",
+        "diff": d.mean,
+        "lo": d.lo,
+        "hi": d.hi,
+        "win": d.excludes_zero and d.mean > 0,
+        "target": None if target is None else f">= {target:+.2f}",
+        # a target is met when the whole interval clears it (a point estimate that
+        # clears it inside a wide interval is not a measured win)
+        "met": None if target is None else bool(d.lo >= target),
+        "seeds": seeds,
+        "questions": d.n,
+    }
+
+
+def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict]:
+    ev = {"samples": 2000, "confidence": 0.95, "seed": 0}
+    out: list[dict] = []
+
+    def rows(prefix: str) -> list[dict[str, Any]]:
+        return [done[n] for n in sorted(done) if n.startswith(prefix)]
+
+    zero = done.get("zero_shot")
+    ralt = rows("ralt_s")
+    if zero and ralt:
+        z, r = seed_average([zero]), seed_average(ralt)
+        n = len(ralt)
+        out.append(
+            compare(
+                "ralt_vs_zero_shot",
+                "RALT vs zero-shot RAG",
+                "exact_match",
+                r,
+                z,
+                ev,
+                n,
+                TARGETS["ralt_vs_zero_shot"],
+            )
+        )
+        out.append(
+            compare("ralt_f1_vs_zero_shot", "RALT vs zero-shot RAG (F1)", "f1", r, z, ev, n, None)
+        )
+        out.append(
+            compare(
+                "ralt_rag_vs_closed_book",
+                "trained RAG vs trained closed-book",
+                "closed_book_exact_match",
+                r,
+                r,
+                ev,
+                n,
+                TARGETS["ralt_rag_vs_closed_book"],
+                after_metric="exact_match",
+            )
+        )
+    lsr, lsr_only = done.get("lsr_s0"), done.get("lsr_only_s0")
+    if zero and lsr:
+        z, lq = seed_average([zero]), seed_average([lsr])
+        out.append(
+            compare(
+                "lsr_recall@1",
+                "LSR (RALT teacher): recall@1 over the corpus",
+                "recall@1",
+                lq,
+                z,
+                ev,
+                1,
+                TARGETS["lsr_recall@1"],
+            )
+        )
+    if ralt and lsr:
+        r1 = seed_average([done["ralt_s0"]]) if "ralt_s0" in done else seed_average(ralt)
+        lq = seed_average([lsr])
+        out.append(
+            compare(
+                "lsr_end_to_end",
+                "RA-DIT (LSR + RALT) vs RALT: EM",
+                "exact_match",
+                lq,
+                r1,
+                ev,
+                1,
+                TARGETS["lsr_end_to_end"],
+            )
+        )
+        if lsr_only:
+            lo_ = seed_average([lsr_only])
+            best = r1 if np.nanmean(r1["exact_match"]) >= np.nanmean(lo_["exact_match"]) else lo_
+            out.append(
+                compare(
+                    "radit_vs_best_single",
+                    "RA-DIT vs the better of RALT / LSR-only",
+                    "exact_match",
+                    lq,
+                    best,
+                    ev,
+                    1,
+                    TARGETS["radit_vs_best_single"],
+                )
+            )
+    fed, central, local = rows("fed_s"), rows("central_eq_s"), rows("local_c")
+    if fed and local:
+        f, l_ = seed_average(fed), seed_average(local)
+        out.append(
+            compare(
+                "fed_vs_local_mean",
+                "federated vs local-only (mean of 8 clients)",
+                "exact_match",
+                f,
+                l_,
+                ev,
+                len(fed),
+                TARGETS["fed_vs_local_mean"],
+            )
+        )
+        worst = min(local, key=lambda r: np.nanmean(per_question(r)["exact_match"]))
+        out.append(
+            compare(
+                "fed_vs_local_worst",
+                "federated vs the worst local-only client",
+                "exact_match",
+                f,
+                seed_average([worst]),
+                ev,
+                len(fed),
+                None,
+            )
+        )
+    if fed and central:
+        out.append(
+            compare(
+                "fed_vs_central",
+                "federated vs centralized (equal total steps)",
+                "exact_match",
+                seed_average(fed),
+                seed_average(central),
+                ev,
+                min(len(fed), len(central)),
+                TARGETS["fed_vs_central"],
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of FLOP/s of an n x n matmul with this process's torch threads."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def throughput(done: dict[str, dict[str, Any]], params: float) -> dict[str, Any]:
+    """Training tokens/s and evaluated questions/s per centralized row. Achieved FLOP/s:
+    4 N per trained token (forward 2N, backward through the frozen base 2N: LoRA needs no
+    weight gradients of the base), 2 N per scored or decoded token; N excludes the tied
+    embedding, whose output projection only runs on the answer positions."""
+    out = {}
+    for name, res in done.items():
+        tok = res.get("token_counts") or {}
+        t = res.get("timings") or {}
+        row: dict[str, Any] = {}
+        if tok.get("train") and t.get("train_s"):
+            flops = 4 * params * tok["train"] + 2 * params * tok.get("score", 0)
+            row["train_tokens_per_s"] = tok["train"] / t["train_s"]
+            row["train_flops_per_s"] = flops / t["train_s"]
+        eval_s = t.get("eval_after_s")
+        n = len(res.get("eval_ids") or [])
+        if eval_s and n:
+            row["eval_questions_per_s"] = n / eval_s
+            gen = tok.get("prompt", 0) + tok.get("generated", 0)
+            if gen:
+                row["eval_flops_per_s"] = 2 * params * gen / eval_s
+        if row:
+            out[name] = row
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", help="row names (default: all, in priority order)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--eval", type=int, default=1000, help="validation questions")
+    ap.add_argument("--steps", type=int, default=100, help="centralized RALT / LSR steps")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--local-steps", type=int, default=4)
+    ap.add_argument("--client-questions", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--summary-only", action="store_true", help="summarise the runs done")
+    ap.add_argument("--max-articles", type=int, default=None, help="smoke runs: fewer articles")
+    ap.add_argument("--runs", type=Path, default=None, help="run directories (smoke runs)")
+    ap.add_argument("--out", type=Path, default=None, help="result folder (smoke runs)")
+    args = ap.parse_args()
+    global RUNS, STORE
+    if args.runs:
+        RUNS, STORE = args.runs, args.runs / "stores" / "squad"
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = all_rows(args)
+    known = {r.name for r in rows}
+    unknown = set(args.only or []) - known
+    if unknown:
+        ap.error(f"unknown rows {sorted(unknown)}; known: {sorted(known)}")
+    peak = {"fp32": matmul_peak("fp32"), "bf16": matmul_peak("bf16")}
+    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    done: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        run_dir = RUNS / row.name
+        wanted = (args.only is None or row.name in args.only) and not args.summary_only
+        if wanted:
+            done[row.name] = run_row(row)
+        elif (run_dir / "results.json").exists() and (run_dir / "row.json").exists():
+            done[row.name] = json.loads((run_dir / "results.json").read_text())
+        if done:
+            publish(done, rows, args, peak)
+
+
+def publish(
+    done: dict[str, dict[str, Any]],
+    rows: list[Row],
+    args: argparse.Namespace,
+    peak: dict[str, float],
+) -> None:
+    ev = {"samples": 2000, "confidence": 0.95, "seed": 0}
+    groups: dict[str, list[str]] = {}
+    labels = {}
+    for r in rows:
+        if r.name in done:
+            key = r.name.rsplit("_s", 1)[0] if r.name.rsplit("_s", 1)[-1].isdigit() else r.name
+            key = "local" if r.kind == "local" else key
+            groups.setdefault(key, []).append(r.name)
+            labels[key] = r.label
+    summary_rows = {
+        key: {**summarise(key, labels[key], [done[n] for n in names], ev), "rows": names}
+        for key, names in groups.items()
+    }
+    n_params = 134_515_008 - 49_152 * 576  # SmolLM2-135M without its tied embedding
+    thr = throughput(done, n_params)
+    for row in thr.values():
+        for k in ("train_flops_per_s", "eval_flops_per_s"):
+            if k in row:
+                row[k.replace("flops_per_s", "share_of_bf16_peak")] = row[k] / peak["bf16"]
+                row[k.replace("flops_per_s", "share_of_fp32_peak")] = row[k] / peak["fp32"]
+    import torch
+
+    path = write_result(
+        "quality_squad",
+        {
+            "eval_questions": args.eval,
+            "task": {
+                "data": "SQuAD v1.1 train, split by article (20% of articles held out)",
+                "corpus_passages": 18896,
+                "steps": args.steps,
+                "federation": {
+                    "clients": 8,
+                    "rounds": args.rounds,
+                    "local_steps": args.local_steps,
+                    "questions_per_client_max": args.client_questions,
+                },
+            },
+            "torch_threads": torch.get_num_threads(),
+            "matmul_peak_flops": peak,
+            "rows": summary_rows,
+            "comparisons": comparisons(done, args),
+            "throughput": thr,
+            "missing_rows": [r.name for r in rows if r.name not in done],
+        },
+        **({"out_dir": args.out} if args.out else {}),
+    )
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
