@@ -31,7 +31,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The data come from the data directory (../shared/data beside this checkout, or
+# $$FEDRAG_RAY_DATA); a machine without them downloads SQuAD once (checksum-verified).
 quickstart: $(STAMP)
+	$(VENV)/bin/fedrag-ray data download squad --if-missing
 	$(VENV)/bin/fedrag-ray simulate quickstart --output runs/quickstart
 
 # Two pytest workers: the federated tests spend most of their wall time waiting (Ray and

@@ -8,6 +8,7 @@ on the same PubMedQA questions in one run:
 - ``new``: the same with bf16 autocast where the CPU has AMX/AVX512-BF16 (the default).
 
     python benchmarks/eval_speed.py [--questions 60] [--top-k 5] [--max-length 256]
+        [--out benchmarks/results]
 
 Accuracy and the agreement of predictions are reported next to the seconds, so a speed-up
 that changed the answers would show.
@@ -18,25 +19,24 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
+from harness import PUBMEDQA, RESULTS, offline_env, write_result
 
-import numpy as np  # noqa: E402
-from common import RESULTS, SHARED_DATA, write_result  # noqa: E402
-
-from fedrag_ray.config import config_from_dict  # noqa: E402
+from fedrag_ray.config import config_from_dict
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(SHARED_DATA))
+    ap.add_argument("--data", default=str(PUBMEDQA))
     ap.add_argument("--questions", type=int, default=60)
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-
+    offline_env()
     import torch
 
     from fedrag_ray.data import load_dataset_from_config
@@ -123,28 +123,27 @@ def main() -> None:
         "prediction_agreement": agree,
         "target": ">= 3x faster evaluation, old vs new in one run",
     }
-    path = write_result("eval_speed", result)
+    path = write_result("eval_speed", result, args.out)
     print(
         f"speed-up new vs old {result['speedup_new_vs_old']:.2f}x "
         f"(fp32 only: {result['speedup_new_fp32_vs_old']:.2f}x); agreement {agree}; {path}"
     )
-    plot(result)
+    plot(result, args.out / "eval_speed.png")
 
 
-def plot(result: dict[str, Any]) -> None:
-    from fedrag_ray.plots import plt
+def plot(result: dict[str, Any], path: Path) -> None:
+    from harness.plots import figure, save, zero_based
 
     names = list(result["runs"])
     secs = [result["runs"][n]["seconds"] for n in names]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = figure(size=(5, 3.2))
     ax.bar(names, secs, color=["#999", "#69c", "#36a"])
     for i, s in enumerate(secs):
         ax.text(i, s, f"{s:.0f}s", ha="center", va="bottom")
     ax.set_ylabel(f"seconds for {result['questions']} questions")
     ax.set_title(f"label evaluation, top-{result['top_k']} passages")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "eval_speed.png", dpi=110)
-    plt.close(fig)
+    zero_based(ax)
+    save(fig, path)
 
 
 if __name__ == "__main__":

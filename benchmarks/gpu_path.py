@@ -13,27 +13,20 @@ CPU backend, FAISS on CPU) and says plainly in the JSON that the GPU half was no
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from fedrag_ray.config import GeneratorConfig  # noqa: E402
-from fedrag_ray.generator import Generator  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
+from harness import RESULTS, offline_env, write_result
 
 
 def generator_throughput(model: str, quantization: str, device: str, steps: int) -> dict[str, Any]:
+    import torch
+
+    from fedrag_ray.config import GeneratorConfig
+    from fedrag_ray.generator import Generator
+
     cfg = GeneratorConfig(model=model, quantization=quantization, max_length=256)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -46,7 +39,7 @@ def generator_throughput(model: str, quantization: str, device: str, steps: int)
         "context: " + "the trial measured outcomes in patients " * 20 + "question: is it?\nanswer:"
     ] * 8
     answers = ["yes, the outcome improved in the treated group"] * 8
-    ids, _, _ = gen.encode_pairs(prompts, answers)
+    ids = gen.encode_pairs(prompts, answers)[0]
     tokens = int(ids.numel())
     gen.model.train()
     loss = gen.loss(prompts, answers)  # warm-up
@@ -81,9 +74,9 @@ def generator_throughput(model: str, quantization: str, device: str, steps: int)
     if device == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        import psutil
+        from harness.memory import process_tree  # psutil: the CPU half only
 
-        row["process_rss_mib"] = psutil.Process().memory_info().rss / 2**20
+        row["process_rss_mib"] = process_tree()[0].memory_info().rss / 2**20
     return row
 
 
@@ -110,11 +103,14 @@ def main() -> None:
     ap.add_argument("--generator", default="default")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--gpu-fraction", type=float, default=0.1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument(
         "--gpu-only", action="store_true", help="skip the CPU half (a lent GPU machine's minutes)"
     )
     args = ap.parse_args()
+    offline_env()
+    import torch
+
     try:
         from fedrag_ray.knowledge_store import faiss_gpu_count
     except ImportError:  # a GPU machine without FAISS: the generator half still runs
@@ -147,17 +143,7 @@ def main() -> None:
         else:
             gpu_note += "; faiss-gpu not installed, FAISS GPU search not run"
         gpu_note += f"; torch {torch.__version__}, generator {args.generator}"
-    result = {
-        "benchmark": "gpu_path",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cuda": cuda},
-        "note": gpu_note,
-        "results": rows,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_path.json").write_text(json.dumps(result, indent=2))
+    write_result("gpu_path", {"note": gpu_note, "results": rows}, args.out)
     print(gpu_note)
     for part in ("cpu", "gpu"):
         for r in rows[part]:

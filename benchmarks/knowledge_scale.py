@@ -2,7 +2,7 @@
 client actor, on synthetic 384-d corpora of 1M and 10M passages.
 
     python benchmarks/knowledge_scale.py [--sizes 1000000 10000000] [--clients 8]
-                                         [--shards 4] [--queries 256]
+                                         [--shards 4] [--queries 256] [--out DIR]
 
 Per size N (1M: exact flat index; 10M: IVF-PQ, trained once on a sample and cloned
 into every shard), measured in one run on one Ray:
@@ -36,16 +36,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from harness import RESULTS, SCRATCH, TreeSampler, offline_env, process_tree, write_result
 
 DIM, LATENT, CENTRES, CHUNK, NOISE_ROWS = 384, 64, 1024, 250_000, 65_536
 MiB = 2**20
@@ -84,33 +80,6 @@ def passages(start: int, n: int) -> list[Any]:
         Passage(id=f"s{i}", text=f"synthetic passage {i}", doc_id=f"d{i}")
         for i in range(start, start + n)
     ]
-
-
-class PeakSampler:
-    """Peak RSS of this process and all its descendants, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.25) -> None:
-        from fedrag_ray.federated.server_app import process_tree_rss
-
-        self.measure = process_tree_rss
-        self.peak = 0
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.measure())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.measure())
 
 
 def build_store(
@@ -290,7 +259,7 @@ def run_size(
             print(f"[{n:,}] {rows[-1]}", flush=True)
         row["search"] = rows
         row["shard_actor_rss_bytes"] = [
-            int(__import__("psutil").Process(i["pid"]).memory_info().rss) for i in infos
+            int(process_tree(i["pid"])[0].memory_info().rss) for i in infos
         ]
         del local
 
@@ -345,13 +314,10 @@ def run_size(
     return row
 
 
-def plot(rows: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
+def plot(rows: list[dict[str, Any]], out: Path) -> Path:
+    from harness.plots import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = figure(2, size=(11, 4))
     labels = [f"{r['n'] / 1e6:g}M {r['index']}" for r in rows]
     x = np.arange(len(rows))
     served = [np.mean(r["served_clients"]["added_bytes"]) / MiB for r in rows]
@@ -372,8 +338,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     b.set_yscale("log")
     b.legend(fontsize=7)
     fig.suptitle("knowledge_scale: served shard actors vs local index")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    return save(fig, out, dpi=120)
 
 
 def main() -> None:
@@ -388,11 +353,12 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--pq-m", type=int, default=48)
     ap.add_argument("--train-sample", type=int, default=20_000)
-    ap.add_argument("--work", default=str(RESULTS / "tmp" / "knowledge_scale"))
+    ap.add_argument("--work", default=str(SCRATCH / "knowledge_scale"))
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--name", default="knowledge_scale")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-
+    offline_env()
     import ray
 
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -401,10 +367,11 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
     rows = []
     t0 = time.perf_counter()
-    with PeakSampler() as peak:
+    # RSS of this process's tree (driver, Ray, every actor) every 0.25 s
+    with TreeSampler(interval=0.25, pss_every=0) as peak:
         for n in args.sizes:
             rows.append(run_size(n, args, data, queries))
-            rows[-1]["process_tree_peak_bytes_so_far"] = peak.peak
+            rows[-1]["process_tree_peak_bytes_so_far"] = peak.peak_rss
     ray.shutdown()
     served = [np.mean(r["served_clients"]["added_bytes"]) for r in rows]
     summary = {
@@ -413,13 +380,13 @@ def main() -> None:
         "target_growth_mib": 100,
         "min_served_over_local_qps": min(s["served_over_local"] for r in rows for s in r["search"]),
         "target_served_over_local_qps": 0.5,
-        "process_tree_peak_bytes": peak.peak,
+        "process_tree_peak_bytes": peak.peak_rss,
         "total_s": time.perf_counter() - t0,
     }
     args_doc = {k: v for k, v in vars(args).items()}
-    path = write_result(args.name, {"args": args_doc, "rows": rows, "summary": summary})
-    plot(rows, RESULTS / f"{args.name}.png")
-    print(f"wrote {path} and {RESULTS / (args.name + '.png')}; summary {summary}")
+    path = write_result(args.name, {"args": args_doc, "rows": rows, "summary": summary}, args.out)
+    png = plot(rows, args.out / f"{args.name}.png")
+    print(f"wrote {path} and {png}; summary {summary}")
 
 
 if __name__ == "__main__":

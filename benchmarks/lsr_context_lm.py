@@ -47,14 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+import numpy as np
+from harness import RESULTS, offline_env, write_result
 
-import numpy as np  # noqa: E402
-from common import write_result  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 N_PEOPLE, N_TRAIN_PEOPLE = 240, 160
 WORDS = (
     "apple river stone cloud tiger lemon piano candle forest silver garden rocket window "
@@ -235,11 +230,12 @@ def federated(raw: dict[str, Any], steps: int, clients: int, rounds: int) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--warmup-steps", type=int, default=400)
     ap.add_argument("--lsr-steps", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    offline_env()
     import copy
 
     import torch
@@ -359,22 +355,20 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    from fedrag_ray.plots import plt
+    from harness.plots import figure, rate_axis, save
 
     keys = ["recall@1", "recall@5", "mrr"]
     names = ["before", *result["runs"]]
     values = [result["retrieval_before"], *[r["after"] for r in result["runs"].values()]]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = figure(size=(8, 4))
     width = 0.8 / len(names)
     for i, (name, v) in enumerate(zip(names, values, strict=True)):
         ax.bar([j + i * width for j in range(len(keys))], [v[k] for k in keys], width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys)
-    ax.set_ylim(0, 1.05)
+    rate_axis(ax)
     ax.set_title("LSR on held-out questions: context-reading LM vs untrained LM as teacher")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -26,24 +26,18 @@ Writes ``privacy_robustness.json`` and ``.png`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
+from harness import PUBMEDQA, RESULTS, SCRATCH, TreeCpu, now, offline_env, provenance, write_json
 
-import numpy as np  # noqa: E402
+from fedrag_ray.config import config_from_dict
 
-from fedrag_ray.config import config_from_dict  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pubmedqa" / "pqal_trainval.json"
 KEYS = ["recall@1", "recall@5", "mrr", "accuracy"]
 
 
@@ -98,9 +92,10 @@ def run(name: str, raw: dict[str, Any], work: Path, faults: str = "") -> dict[st
     t = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
     cpu_marks: dict[int, float] = {}  # round -> tree CPU seconds when it ended (0: initial eval)
+    tree_cpu = TreeCpu()
 
     def on_round(row: dict[str, Any]) -> None:
-        cpu_marks[row["round"]] = tree_cpu_seconds()
+        cpu_marks[row["round"]] = tree_cpu()
 
     res = run_federated(config_from_dict(raw), work / name, on_round=on_round)
     os.environ.pop("FEDRAG_RAY_FAULTS", None)
@@ -136,30 +131,15 @@ def run(name: str, raw: dict[str, Any], work: Path, faults: str = "") -> dict[st
     return out
 
 
-def tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and all its live descendants."""
-    import psutil
-
-    me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
-
-
 def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in a)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/fedrag_privacy_robustness"))
+    ap.add_argument("--data", type=Path, default=PUBMEDQA)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--work", type=Path, default=SCRATCH / "privacy_robustness")
     ap.add_argument("--generator", default="default")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
@@ -185,13 +165,14 @@ def main() -> None:
     )
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     args = ap.parse_args()
+    offline_env()
     if args.replot:
         saved = json.loads((args.out / "privacy_robustness.json").read_text())
-        figure(saved, args.out / "privacy_robustness.png")
+        plot(saved, args.out / "privacy_robustness.png")
         return
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    started = dt.datetime.now(dt.timezone.utc)
+    started = now()
     load_start = os.getloadavg()
     raw = base_config(args, str(args.work / "store"))
     runs: dict[str, dict[str, Any]] = {}
@@ -200,11 +181,10 @@ def main() -> None:
     norms = [n for n in plain["update_norms_round1"] if n is not None]
     clip = float(np.median(norms))
     out: dict[str, Any] = {
-        "command": " ".join(["python", "benchmarks/privacy_robustness.py", *sys.argv[1:]]),
-        "date": started.date().isoformat(),
+        **provenance("privacy_robustness"),
+        "date": started,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "config": raw,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "load_average_start": load_start,
     }
 
@@ -328,9 +308,8 @@ def main() -> None:
         out["earlier_command"] = saved.get("command")
     out["total_minutes"] = (time.perf_counter() - t0) / 60
     out["load_average_end"] = os.getloadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "privacy_robustness.json").write_text(json.dumps(out, indent=2, default=str))
-    figure(out, args.out / "privacy_robustness.png")
+    write_json(args.out / "privacy_robustness.json", out)
+    plot(out, args.out / "privacy_robustness.png")
     print(
         json.dumps(
             {k: out[k] for k in ("dp", "secagg", "robust") if k in out}, indent=1, default=str
@@ -338,13 +317,10 @@ def main() -> None:
     )
 
 
-def figure(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def plot(out: dict[str, Any], path: Path) -> None:
+    from harness.plots import figure, rate_axis, save, zero_based
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = figure(3, size=(15, 4))
     if "dp" in out:
         ax = axes[0]
         rows = out["dp"]["rows"]
@@ -357,7 +333,7 @@ def figure(out: dict[str, Any], path: Path) -> None:
         ax.axhline(rows[0]["accuracy"], color="k", ls="--", label="accuracy, no DP")
         ax.set_xscale("log")
         ax.set_xlabel(f"ε at δ={out['dp']['delta']:g} (RDP, no amplification)")
-        ax.set_ylabel("held-out")
+        rate_axis(ax, "held-out")
         ax.set_title("accuracy vs privacy")
         ax.legend(fontsize=7)
     if "secagg" in out:
@@ -370,6 +346,8 @@ def figure(out: dict[str, Any], path: Path) -> None:
             [s["plain_bytes_per_round"] / 2**20, s["secagg_bytes_per_round"] / 2**20],
             color="tab:orange",
         )
+        zero_based(ax)
+        zero_based(ax2)
         ax.set_title("SecAgg+ cost (steady rounds)")
         ax.tick_params(axis="x", rotation=20)
     if "robust" in out:
@@ -382,15 +360,15 @@ def figure(out: dict[str, Any], path: Path) -> None:
         ax.bar(x - 0.2, [r["accuracy"] for r in rows], 0.4, label="accuracy")
         ax.bar(x + 0.2, [r["recall@5"] for r in rows], 0.4, label="recall@5")
         ax.set_xticks(x, labels, rotation=20)
+        rate_axis(ax)
         ax.set_title(out["robust"]["faults"])
         ax.legend(loc="lower left", fontsize=7)
         ax3 = ax.twinx()
         ax3.plot(x, [r["distance_to_clean"] for r in rows], "kD", label="L2 to clean adapters")
         ax3.set_ylabel("L2 distance of final adapters to clean FedAvg")
         ax3.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        zero_based(ax3)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -36,12 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from harness import PUBMEDQA, RESULTS, git_commit, now, offline_env, write_result
 
-from common import RESULTS, SHARED_DATA, git_commit, now, write_result  # noqa: E402
-
-from fedrag_ray.config import apply_overrides, config_from_dict  # noqa: E402
+from fedrag_ray.config import apply_overrides, config_from_dict
 
 KEYS = [
     "recall@1",
@@ -210,7 +206,7 @@ def run_one(name: str, raw: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(SHARED_DATA))
+    ap.add_argument("--data", default=str(PUBMEDQA))
     ap.add_argument("--steps", type=int, default=64, help="total local steps per trained run")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--only", nargs="*", help="run names to run (default: all)")
@@ -222,7 +218,7 @@ def main() -> None:
     )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
+    offline_env()
     out = Path(args.out)
     work = out / "tmp" / "quality"
     work.mkdir(parents=True, exist_ok=True)
@@ -363,11 +359,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from fedrag_ray.plots import plt
+    from harness.plots import figure, rate_axis, save
 
     label_rows = [r for r in rows if r["answer"] == "label"]
     long_rows = [r for r in rows if r["answer"] == "long"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, axes = figure(3, size=(14, 4.2))
     for ax, key in zip(axes[:2], ["recall@5", "accuracy"], strict=True):
         x = range(len(label_rows))
         ax.bar(x, [r["after"].get(key) or 0 for r in label_rows], width=0.4, label="RAG")
@@ -376,6 +372,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.bar([i + 0.4 for i in x], cb, width=0.4, label="closed-book")
             ax.legend(fontsize=7)
         ax.set_xticks(list(x), [r["run"] for r in label_rows], rotation=60, ha="right", fontsize=7)
+        rate_axis(ax)
         ax.set_title(f"{key} (held-out, after)")
     ax = axes[2]
     x = range(len(long_rows))
@@ -391,9 +388,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(list(x), [r["run"] for r in long_rows], rotation=30, ha="right", fontsize=7)
     ax.set_title("long answers")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rate_axis(ax)
+    save(fig, path)
 
 
 if __name__ == "__main__":

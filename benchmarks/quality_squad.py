@@ -36,21 +36,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
+from harness import REPO, offline_env, write_result
 
-import numpy as np  # noqa: E402
-from common import ROOT, write_result  # noqa: E402
-
-RUNS = ROOT / "runs" / "quality_squad"  # --runs
-STORE = ROOT / "runs" / "stores" / "squad"  # --runs/../stores/squad with --runs
+RUNS = REPO / "runs" / "quality_squad"  # --runs
+STORE = REPO / "runs" / "stores" / "squad"  # --runs/../stores/squad with --runs
 TARGETS = {
     "ralt_vs_zero_shot": 0.25,
     "ralt_rag_vs_closed_book": 0.15,
@@ -73,6 +69,7 @@ class Row:
     overrides: dict[str, Any]
     needs: tuple[str, ...] = ()
     client: int | None = None
+    config: str = "squad"  # the bundled config the overrides apply to
 
 
 def base_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,13 +127,22 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
     fed = fed_overrides(args)
     central = {k: v for k, v in fed.items() if not k.startswith("federation.")}
     for s in seeds:
-        rows.append(Row(f"fed_s{s}", "federated (8 clients)", "federated", {**fed, "seed": s}))
+        rows.append(
+            Row(
+                f"fed_s{s}",
+                "federated (8 clients)",
+                "federated",
+                {**fed, "seed": s},
+                config="squad_federated",
+            )
+        )
         rows.append(
             Row(
                 f"central_eq_s{s}",
                 "centralized, equal steps",
                 "train",
                 {**central, "seed": s, "train.max_steps": 8 * fed_steps, "eval.before": False},
+                config="squad_federated",
             )
         )
     for c in range(8):
@@ -147,6 +153,7 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
                 "local",
                 {**fed, "train.max_steps": fed_steps, "eval.before": False},
                 client=c,
+                config="squad_federated",
             )
         )
     return rows
@@ -158,7 +165,7 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
 def _config(row: Row) -> Any:
     from fedrag_ray.config import load_config
 
-    cfg = load_config("squad", row.overrides)
+    cfg = load_config(row.config, row.overrides)
     if row.kind in ("train", "local", "eval"):
         cfg = cfg.model_copy(update={"federation": None})
     return cfg
@@ -232,7 +239,7 @@ def _train(row: Row, cfg: Any, run_dir: Path) -> dict[str, Any]:
 def _fed_config_of(row: Row) -> Any:
     from fedrag_ray.config import load_config
 
-    return load_config("squad", row.overrides)
+    return load_config(row.config, row.overrides)
 
 
 def _federated(row: Row, cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -546,6 +553,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=None, help="run directories (smoke runs)")
     ap.add_argument("--out", type=Path, default=None, help="result folder (smoke runs)")
     args = ap.parse_args()
+    offline_env()
     global RUNS, STORE
     if args.runs:
         RUNS, STORE = args.runs, args.runs / "stores" / "squad"

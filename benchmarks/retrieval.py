@@ -53,11 +53,9 @@ Notes on parameters (all also recorded in the JSON):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -67,10 +65,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from harness import RESULTS, git, machine_info, process_tree, provenance, write_json
 
 DIM = 384
 K = 10
@@ -158,9 +153,7 @@ def peak_rss_mib() -> float:
 
 
 def current_rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+    return process_tree()[0].memory_info().rss / 2**20
 
 
 def timed_search(fn, min_total_s: float = 3.0, max_reps: int = 3):
@@ -273,36 +266,21 @@ def run_worker(spec_path: str) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def machine_info() -> dict:
+def machine_extras() -> dict:
+    """What this benchmark records beyond ``harness.machine_info`` (key names as in its
+    earlier results, which ``--render-only`` reads)."""
     import faiss
     import psutil
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     return {
-        "platform": platform.platform(),
-        "cpu_model": cpu,
         "logical_cpus": os.cpu_count(),
         "physical_cpus": psutil.cpu_count(logical=False),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "gpu": None,
-        "python": platform.python_version(),
         "numpy": np.__version__,
         "faiss": faiss.__version__,
         "faiss_omp_threads": faiss.omp_get_max_threads(),
-        "git_commit": commit,
+        "git_commit": git("rev-parse", "HEAD"),
         "loadavg_at_start": list(os.getloadavg()),
     }
 
@@ -352,7 +330,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--ef-search", type=int, nargs="+", default=[16, 128])
     ap.add_argument("--ivf-max-nlist", type=int, default=1024)
@@ -379,12 +357,12 @@ def main() -> None:
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    header = provenance("retrieval")
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    info = machine_info()
+    info = {**machine_info(gpu=False), **machine_extras()}
     log(
         f"machine: {info['cpu_model']}, {info['logical_cpus']} cpus, {info['ram_gib']} GiB, "
         f"faiss {info['faiss']} ({info['faiss_omp_threads']} threads)"
@@ -482,9 +460,8 @@ def main() -> None:
     total = time.perf_counter() - t_start
     info["loadavg_at_end"] = list(os.getloadavg())
     report = {
-        "benchmark": "retrieval",
-        "date_utc": started,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **header,
+        "date_utc": header["date"],
         "total_runtime_s": total,
         "machine": info,
         "data": {
@@ -546,7 +523,7 @@ def derive(report: dict) -> None:
 def render(report: dict, out: Path) -> None:
     derive(report)
     results = report["rows"]
-    (out / "retrieval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_json(out / "retrieval.json", report)
     plot(
         results,
         out / "retrieval.png",
@@ -610,13 +587,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, load: dict | None = None, cpus: int = 0) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from harness.plots import figure, rate_axis, save
+    from matplotlib.lines import Line2D
 
     sizes = sorted({r["N"] for r in rows})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 5), squeeze=False)
+    fig, axes = figure(len(sizes), size=(6.5 * len(sizes), 5), squeeze=False)
     colours = {"numpy": "black", "flat": "tab:blue", "ivf": "tab:orange", "hnsw": "tab:green"}
     for ax, n in zip(axes[0], sizes, strict=True):
         for r in (r for r in rows if r["N"] == n):
@@ -665,14 +640,14 @@ def plot(rows: list[dict], path: Path, load: dict | None = None, cpus: int = 0) 
         ax.set_title(title, fontsize=10)
         ax.set_xscale("log")
         ax.set_xlabel("queries / s (batch, log scale)")
-        ax.set_ylabel("recall@10 vs exact flat")
+        rate_axis(ax, "recall@10 vs exact flat")
         ax.grid(True, which="both", alpha=0.3)
     handles = [
-        plt.Line2D([], [], ls="", marker="*" if k == "numpy" else "o", color=c, label=k)
+        Line2D([], [], ls="", marker="*" if k == "numpy" else "o", color=c, label=k)
         for k, c in colours.items()
     ] + [
-        plt.Line2D([], [], ls="", marker="o", color="grey", label="single index"),
-        plt.Line2D([], [], ls="", marker="^", color="grey", label=f"{N_SHARDS} shards"),
+        Line2D([], [], ls="", marker="o", color="grey", label="single index"),
+        Line2D([], [], ls="", marker="^", color="grey", label=f"{N_SHARDS} shards"),
     ]
     axes[0][-1].legend(handles=handles, fontsize=8, loc="lower left")
     fig.suptitle("fedrag_ray KnowledgeStore retrieval: qps vs recall@10", fontsize=11)
@@ -686,9 +661,7 @@ def plot(rows: list[dict], path: Path, load: dict | None = None, cpus: int = 0) 
             ha="center",
             fontsize=8,
         )
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, rect=(0, 0.03, 1, 1))
 
 
 if __name__ == "__main__":

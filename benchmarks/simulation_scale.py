@@ -17,10 +17,11 @@ a pair with no more registered and no more per-round clients already exceeded it
 ``--tiny`` pairs run again with the real tiny local step (``local_steps`` 2 at batch
 size 2, ``ralt.k`` 2) on fedrag_ray's backend: rounds vs ideal.
 
-Data: PubMedQA PQA-L questions (``/work/shared/data/pubmedqa/pqal_trainval.json`` when
-present, else the bundled sample) repeated as "(variant k)" into one ``qa_jsonl`` set of
-at least max(registered) questions, used by every run (so memory differences between
-runs are the engine's, not the data's); 20 PubMed ids are held out for evaluation.
+Data: PubMedQA PQA-L questions (``pubmedqa/pqal_trainval.json`` in the data directory:
+``$FEDRAG_RAY_DATA``, or ``../shared/data`` beside the repository; ``fedrag-ray data
+download pubmedqa`` fetches it) repeated as "(variant k)" into one ``qa_jsonl`` set of at
+least max(registered) questions, used by every run (so memory differences between runs are
+the engine's, not the data's); 20 PubMed ids are held out for evaluation.
 Server-side evaluation (4 questions, no generation) runs after the last round only.
 
 Measured per run (each in its own subprocess, so memory is its own):
@@ -56,17 +57,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from common import RESULTS, SHARED_DATA, write_result  # noqa: E402
+from harness import (
+    PUBMEDQA,
+    REPO,
+    RESULTS,
+    SubprocessSampler,
+    offline_env,
+    process_tree,
+    write_result,
+)
 
 MIB, KIB = 2**20, 2**10
 HELD_OUT_DOCS = 20  # PubMed ids kept out of training: the evaluation questions
@@ -85,7 +88,12 @@ TARGETS = {
 def build_data(work: Path, min_train: int) -> dict[str, Any]:
     """qa_jsonl train/eval files and a corpus from PubMedQA, train questions repeated
     as "(variant k)" until there are at least ``min_train``."""
-    src = SHARED_DATA if SHARED_DATA.exists() else REPO / "fedrag_ray/data/pubmedqa_sample.json"
+    if not PUBMEDQA.exists():
+        raise SystemExit(
+            f"{PUBMEDQA} not found (the data directory is $FEDRAG_RAY_DATA or ../shared/data "
+            "beside the repository): run `fedrag-ray data download pubmedqa`"
+        )
+    src = PUBMEDQA
     raw = json.loads(src.read_text())
     pmids = sorted(raw)
     eval_ids, train_ids = pmids[:HELD_OUT_DOCS], pmids[HELD_OUT_DOCS:]
@@ -162,92 +170,6 @@ def make_config(
 # --------------------------------------------------------------------------- worker
 
 
-class RssSampler:
-    """Peak resident memory of the driver and of its whole process tree, sampled every
-    ``interval`` seconds by a separate process (``--sample-rss``): a sampling thread in the
-    driver took its GIL from the engine it measures (~4 % of the driver's samples at 1,000
-    clients per round). CPU seconds of the tree are read in the driver, once per round."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval = interval
-        self.peak_total = 0
-        self.peak_driver = 0
-        self.cpu: dict[int, float] = {}  # pid -> its last seen user + system CPU seconds
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._out: Path | None = None
-
-    def tree_cpu_seconds(self) -> float:
-        """CPU seconds used so far by the driver and every process it started (not the
-        sampler)."""
-        import psutil
-
-        me = psutil.Process()
-        sampler = self._proc.pid if self._proc else None
-        for p in [me, *me.children(recursive=True)]:
-            if p.pid == sampler:
-                continue
-            try:
-                t = p.cpu_times()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            self.cpu[p.pid] = t.user + t.system
-        return sum(self.cpu.values())
-
-    def __enter__(self) -> RssSampler:
-        fd, path = tempfile.mkstemp(prefix="rss-", suffix=".json")
-        os.close(fd)
-        self._out = Path(path)
-        cmd = [sys.executable, __file__, "--sample-rss", str(os.getpid()), path]
-        self._proc = subprocess.Popen([*cmd, str(self.interval)])
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        assert self._proc is not None and self._out is not None
-        self._proc.terminate()
-        self._proc.wait(timeout=30)
-        peaks = json.loads(self._out.read_text() or "{}")
-        self._out.unlink(missing_ok=True)
-        self.peak_total = int(peaks.get("peak_total", 0))
-        self.peak_driver = int(peaks.get("peak_driver", 0))
-
-
-def sample_rss(driver_pid: int, out: Path, interval: float) -> None:
-    """The sampler process: peak RSS of ``driver_pid`` and of its descendants (less this
-    process) until SIGTERM, then the peaks as JSON in ``out``. The tree is re-listed every
-    2 s only (listing scans all of /proc)."""
-    import signal
-
-    import psutil
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    driver = psutil.Process(driver_pid)
-    peak_total = peak_driver = 0
-    procs: list[Any] = []
-    listed_at = -1e9
-    while not stop.is_set() and driver.is_running():
-        now = time.monotonic()
-        if now - listed_at > 2.0:
-            try:
-                procs = [driver, *driver.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            procs = [p for p in procs if p.pid != os.getpid()]
-            listed_at = now
-        total = 0
-        for p in procs:
-            try:
-                rss = p.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            total += rss
-            if p.pid == driver_pid:
-                peak_driver = max(peak_driver, rss)
-        peak_total = max(peak_total, total)
-        stop.wait(interval)
-    out.write_text(json.dumps({"peak_total": peak_total, "peak_driver": peak_driver}))
-
-
 def worker(spec_path: Path) -> None:
     """One federated simulation from a spec file; its figures as JSON."""
     from fedrag_ray.config import config_from_dict
@@ -259,14 +181,16 @@ def worker(spec_path: Path) -> None:
     cpu_at_round: dict[int, float] = {}
 
     def on_round(row: dict[str, Any]) -> None:
-        cpu_at_round[row["round"]] = rss.tree_cpu_seconds()
+        cpu_at_round[row["round"]] = rss.cpu_seconds()
         print(
             f"[{spec['label']}] {time.perf_counter() - t0:7.1f}s round {row['round']} "
             f"({row.get('round_seconds', row['seconds']):.2f}s)",
             flush=True,
         )
 
-    rss = RssSampler()
+    # peak RSS of the driver and its tree every 0.2 s, from a helper process (a thread
+    # here would take the driver's GIL from the engine it measures)
+    rss = SubprocessSampler(interval=0.2, relist_s=2.0)
     with rss:
         summary = run_federated(
             cfg,
@@ -290,8 +214,8 @@ def worker(spec_path: Path) -> None:
             for h in summary["history"]
             if h["round"] > 0
         ],
-        "peak_rss_bytes": rss.peak_total,
-        "driver_peak_rss_bytes": rss.peak_driver,
+        "peak_rss_bytes": rss.peak_rss,
+        "driver_peak_rss_bytes": rss.peak_root,
         # round 2 alone: after the actors' start (round 1), before the last round's eval
         "round2_cpu_s": cpu_at_round[2] - cpu_at_round[1] if 2 in cpu_at_round else None,
         "wall_s": time.perf_counter() - t0,
@@ -324,8 +248,6 @@ def prepare(spec_path: Path) -> None:
 def run_sub(mode: str, spec: dict[str, Any], work: Path, limit: float) -> dict[str, Any]:
     """The worker in a subprocess; past ``limit`` seconds it and every process it started
     (Ray's included) are killed."""
-    import psutil
-
     spec_path = work / f"{spec['label']}.spec.json"
     spec["result"] = str(work / f"{spec['label']}.result.json")
     spec_path.write_text(json.dumps(spec))
@@ -334,7 +256,9 @@ def run_sub(mode: str, spec: dict[str, Any], work: Path, limit: float) -> dict[s
     try:
         proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-        tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        import psutil
+
+        tree = process_tree(proc.pid)
         for p in tree:
             try:
                 p.kill()
@@ -387,6 +311,15 @@ def slope(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
+def at_most(
+    worst: float | None, limit: float, keys: tuple[str, str], **detail: Any
+) -> dict[str, Any]:
+    """A lower-is-better target's verdict: ``detail``, the worst measured value and the
+    limit (under ``keys``), and whether it is met."""
+    met = worst is not None and worst <= limit
+    return {**detail, keys[0]: worst, keys[1]: limit, "met": met}
+
+
 def verdicts(runs: list[dict[str, Any]], largest: int) -> dict[str, Any]:
     """Judged on fedrag_ray's runs; the stock runs are the baseline."""
     ours = [r for r in runs if r["backend"] == "fedrag_ray"]
@@ -400,12 +333,7 @@ def verdicts(runs: list[dict[str, Any]], largest: int) -> dict[str, Any]:
     at_largest = [r for r in noop if r["registered"] == largest and r.get("completed")]
     worst = max((r["setup_s"] for r in at_largest), default=None)
     limit = TARGETS["setup_s_at_largest"]
-    out["b_setup"] = {
-        "registered": largest,
-        "worst_setup_s": worst,
-        "limit_s": limit,
-        "met": worst is not None and worst <= limit,
-    }
+    out["b_setup"] = at_most(worst, limit, ("worst_setup_s", "limit_s"), registered=largest)
     slopes: dict[str, dict[str, float]] = {}
     for per_round in sorted({r["per_round"] for r in noop}):
         pts = [r for r in noop if r["per_round"] == per_round and r.get("completed")]
@@ -420,40 +348,28 @@ def verdicts(runs: list[dict[str, Any]], largest: int) -> dict[str, Any]:
             }
     worst_slope = max((s["total_kib_per_client"] for s in slopes.values()), default=None)
     limit = TARGETS["kib_per_registered_client"]
-    out["c_memory_growth"] = {
-        "per_per_round": slopes,
-        "worst_total_kib_per_client": worst_slope,
-        "limit_kib": limit,
-        "met": worst_slope is not None and worst_slope <= limit,
-    }
+    out["c_memory_growth"] = at_most(
+        worst_slope, limit, ("worst_total_kib_per_client", "limit_kib"), per_per_round=slopes
+    )
     at_1000 = [r for r in noop if r["per_round"] == 1000 and r.get("completed")]
     worst = max((r["engine_ms_per_task"] for r in at_1000), default=None)
     limit = TARGETS["engine_ms_per_task_at_1000"]
-    out["d_engine_cost"] = {
-        "per_registered": {str(r["registered"]): r["engine_ms_per_task"] for r in at_1000},
-        "worst_ms": worst,
-        "limit_ms": limit,
-        "met": worst is not None and worst <= limit,
-    }
+    per_registered = {str(r["registered"]): r["engine_ms_per_task"] for r in at_1000}
+    out["d_engine_cost"] = at_most(
+        worst, limit, ("worst_ms", "limit_ms"), per_registered=per_registered
+    )
     tiny = [r for r in ours if r["step"] == "tiny" and r.get("completed")]
     worst = max((r["round_over_ideal"] for r in tiny), default=None)
     limit = TARGETS["tiny_round_over_ideal"]
-    out["e_tiny_round_vs_ideal"] = {
-        "per_pair": {f"{r['registered']}x{r['per_round']}": r["round_over_ideal"] for r in tiny},
-        "worst": worst,
-        "limit": limit,
-        "met": worst is not None and worst <= limit,
-    }
+    per_pair = {f"{r['registered']}x{r['per_round']}": r["round_over_ideal"] for r in tiny}
+    out["e_tiny_round_vs_ideal"] = at_most(worst, limit, ("worst", "limit"), per_pair=per_pair)
     return out
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from harness.plots import figure, save, zero_based
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = figure(3, size=(15, 4.2))
     panels = (
         ("engine_ms_per_task", "engine ms per client task (noop step)", 1.0, True),
         ("setup_s", "setup s (partition + node mapping)", 1.0, False),
@@ -487,13 +403,13 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         if log_y:
             ax.set_yscale("log")
             ax.axhline(TARGETS["engine_ms_per_task_at_1000"], color="grey", lw=0.8, ls=":")
+        else:
+            zero_based(ax)
         ax.set_xlabel("registered virtual clients")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -546,17 +462,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: temp)")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--sample-rss", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    offline_env()
     if args.worker:
         return worker(args.worker)
     if args.prepare:
         return prepare(args.prepare)
-    if args.sample_rss:
-        pid, out, interval = args.sample_rss
-        return sample_rss(int(pid), Path(out), float(interval))
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.work or Path(tempfile.mkdtemp(prefix="fedrag-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FEDRAG_RAY_CACHE", str(work / "cache"))

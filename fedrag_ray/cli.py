@@ -40,16 +40,21 @@ app = typer.Typer(
 )
 index_app = typer.Typer(no_args_is_help=True, help="Knowledge-store commands.")
 app.add_typer(index_app, name="index")
+data_app = typer.Typer(no_args_is_help=True, help="Dataset commands.")
+app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 METRIC_KEYS = [
     "recall@1",
     "recall@5",
+    "recall@20",
     "mrr",
     "accuracy",
     "closed_book_accuracy",
     "exact_match",
     "f1",
+    "closed_book_exact_match",
+    "closed_book_f1",
 ]
 
 
@@ -143,17 +148,46 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _summary_table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
-    table = Table(title=title)
+def _with_interval(metrics: dict[str, Any], key: str) -> str:
+    """``0.312 [0.283, 0.341]`` when the run measured the interval, else the value."""
+    v = metrics.get(key)
+    lo, hi = metrics.get(f"{key}_lo"), metrics.get(f"{key}_hi")
+    if isinstance(v, float) and isinstance(lo, float) and isinstance(hi, float):
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    return _fmt(v)
+
+
+def _summary_table(
+    title: str,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    gain: dict[str, dict[str, Any]] | None = None,
+) -> Table:
+    """Before / after with 95% bootstrap intervals, and the paired gain (same questions)
+    with its interval; a gain whose interval excludes 0 is marked as significant."""
+    gain = gain or {}
+    level = next(iter(gain.values()), {}).get("confidence", 0.95)
+    table = Table(
+        title=title,
+        caption=f"in brackets: {level:.0%} bootstrap intervals over the questions; "
+        "* the paired interval excludes 0",
+    )
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
+    table.add_column("gain (paired)", justify="right")
     for k in METRIC_KEYS:
         if k in before or k in after:
             b, a = before.get(k), after.get(k)
-            delta = f"{a - b:+.3f}" if isinstance(a, float) and isinstance(b, float) else ""
-            table.add_row(k, _fmt(b), _fmt(a), delta)
+            g = gain.get(k)
+            if g:
+                mark = " *" if g["excludes_zero"] else ""
+                delta = f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{mark}"
+            elif isinstance(a, float) and isinstance(b, float):
+                delta = f"{a - b:+.3f}"
+            else:
+                delta = ""
+            table.add_row(k, _with_interval(before, k), _with_interval(after, k), delta)
     return table
 
 
@@ -250,8 +284,10 @@ def train(
                 f"{cfg.name}: {cfg.train.method}, {res['steps']} steps",
                 res["metrics_before"],
                 res["metrics_after"],
+                res.get("gain"),
             )
         )
+        _print_headline_gain(res.get("gain", {}))
         console.print(
             f"time: {res['timings']['total_s']:.1f}s (train {res['timings']['train_s']:.1f}s)"
         )
@@ -554,7 +590,9 @@ def _round_line(row: dict[str, Any]) -> str:
         ]
         if row.get("epsilon") is not None:  # differential privacy spent so far
             parts.append(f"ε {row['epsilon']:.3g} at δ {row['delta']:g}")
-    parts += [f"{k} {_fmt(row[k])}" for k in ("recall@5", "accuracy", "f1") if k in row]
+    parts += [
+        f"{k} {_fmt(row[k])}" for k in ("recall@5", "accuracy", "exact_match", "f1") if k in row
+    ]
     return " | ".join(parts)
 
 
@@ -599,7 +637,10 @@ def simulate(
             f"{cfg.name}: {cfg.train.method}, {fed.num_clients} clients, {fed.rounds} rounds, "
             f"{fed.strategy.name}"
         )
-        console.print(_summary_table(title, res["metrics_before"], res["metrics_after"]))
+        console.print(
+            _summary_table(title, res["metrics_before"], res["metrics_after"], res.get("gain"))
+        )
+        _print_headline_gain(res.get("gain", {}))
         console.print(
             f"bytes/round {res['bytes_per_round'] / 1024:.1f} KiB "
             f"(full model {res['full_model_bytes'] / 2**20:.1f} MiB), failures {res['failures']}, "
@@ -609,6 +650,26 @@ def simulate(
         console.print(f"results: {Path(res['output']) / 'results.json'}")
 
     _run(go)
+
+
+def _print_headline_gain(gain: dict[str, dict[str, Any]]) -> None:
+    """One line a person reads first: the main answer metric's paired gain and whether its
+    interval excludes 0."""
+    key = next((k for k in ("exact_match", "accuracy", "f1") if k in gain), None)
+    if key is None:
+        return
+    g = gain[key]
+    verdict = (
+        "the interval excludes 0: a measured improvement"
+        if g["excludes_zero"] and g["mean"] > 0
+        else "the interval includes 0: not distinguishable from no change"
+        if not g["excludes_zero"]
+        else "the interval excludes 0: a measured loss"
+    )
+    console.print(
+        f"{key} gain {g['mean']:+.3f}, {g.get('confidence', 0.95):.0%} interval "
+        f"[{g['lo']:+.3f}, {g['hi']:+.3f}] over {g['n']} questions: {verdict}"
+    )
 
 
 @app.command()
@@ -726,6 +787,50 @@ def export(
         console.print(f"exported {src['kind']} run{' (' + where + ')' if where else ''}")
 
     _run(go)
+
+
+@data_app.command("download")
+def data_download(
+    name: str = typer.Argument(..., help="squad or pubmedqa"),
+    directory: Path | None = typer.Option(
+        None, "--dir", help="Data directory (default: $FEDRAG_RAY_DATA, see `data dir`)"
+    ),
+    mirror: str | None = typer.Option(
+        None, help="Base URL holding the same files (checksums are still verified)"
+    ),
+    if_missing: bool = typer.Option(
+        False, "--if-missing", help="Do nothing when the dataset's files are already there"
+    ),
+) -> None:
+    """Fetch a dataset from its official address, verify its checksum, and install it in
+    the data directory the bundled configs read (``data:`` paths)."""
+
+    def go() -> None:
+        from fedrag_ray.data import data_dir
+        from fedrag_ray.download import DATASETS, download
+
+        ds = DATASETS.get(name)
+        root = directory or data_dir()
+        if if_missing and ds and all((root / o).exists() for o in ds.outputs):
+            console.print(f"{name}: already in {root}")
+            return
+        with console.status(f"downloading {name}"):
+            written = download(name, directory, mirror)
+        for p in written:
+            console.print(f"wrote {p}")
+        if ds:
+            console.print(f"licence: {ds.licence}; cite: {ds.citation}")
+
+    _run(go)
+
+
+@data_app.command("dir")
+def data_directory() -> None:
+    """Print the data directory (``$FEDRAG_RAY_DATA``, else ``../shared/data`` beside this
+    checkout, else ``~/.cache/fedrag_ray/data``)."""
+    from fedrag_ray.data import data_dir
+
+    print(data_dir())
 
 
 def main() -> None:

@@ -7,13 +7,12 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "${HERE}/../.." && pwd)"
-PY="${REPO}/benchmarks/.peer-venv/bin/python"
+PY="${HERE}/../.peer-venv/bin/python"  # made by setup_peer_venv.sh
 OUTDIR="${1:-${HERE}/results}"
 REPEATS="${REPEATS:-3}"
 KS="${KS:-2 4}"
 METHODS="${METHODS:-lsr ralt}"
-GENERATOR="${GENERATOR:-${REPO}/benchmarks/results/tmp/tiny-llama}"
+GENERATOR="${GENERATOR:-${HERE}/../results/tmp/tiny-llama}"
 
 bash "${HERE}/setup_peer_venv.sh"
 if [[ ! -f "${GENERATOR}/config.json" ]]; then

@@ -19,6 +19,7 @@ Internally the same file also runs as ``--role prep|server|client|post`` worker 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -27,29 +28,45 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 SCHEMA_VERSION = 1
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-DEFAULT_DATA = Path("/work/shared/data/pubmedqa/pqal_trainval.json")
-DEFAULT_WORK_ROOT = REPO / "benchmarks" / "results" / "tmp"
 KS_NAME = "peer_ks"
+PEER_PACKAGES = ("fed-rag", "flwr", "torch", "transformers", "sentence-transformers", "peft")
+
+
+def _load_harness() -> ModuleType:
+    """``benchmarks/harness``, loaded by path: this file runs in the peer's own venv, where
+    neither fedrag_ray nor ``benchmarks/`` is importable; the harness needs only the
+    standard library and psutil. A benchmark that loads this file has it imported already."""
+    if "harness" in sys.modules:
+        return sys.modules["harness"]
+    init = HERE.parent / "harness" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        "harness", init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["harness"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+write_json = harness.write_json
+DEFAULT_DATA = harness.PUBMEDQA
+DEFAULT_WORK_ROOT = harness.SCRATCH
 
 # Environment for every worker: offline Hugging Face, no Flower telemetry, one thread.
 WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
+    **harness.OFFLINE_ENV,
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONUNBUFFERED": "1",
 }
 
 BYTES_METHOD = (
@@ -161,12 +178,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- workers
@@ -552,62 +563,6 @@ def _proc_start() -> float:
 # --------------------------------------------------------------------------- launcher
 
 
-class MemorySampler(threading.Thread):
-    """Sum RSS (every ``interval`` s) and PSS (every ``pss_every``-th sample) over trees."""
-
-    def __init__(self, roots: dict[str, int], interval: float = 0.2, pss_every: int = 5):
-        super().__init__(daemon=True)
-        self.roots, self.interval, self.pss_every = roots, interval, pss_every
-        self.stop_event = threading.Event()
-        self.peak_rss = 0
-        self.peak_pss = 0
-        self.peak_rss_by_proc: dict[str, int] = {}
-        self.cpu_s: dict[int, float] = {}  # last seen user+system seconds, per pid
-        self.samples = 0
-        self.timeline: list[tuple[float, int]] = []
-
-    def _trees(self) -> dict[str, list[Any]]:
-        import psutil
-
-        out: dict[str, list[Any]] = {}
-        for name, pid in self.roots.items():
-            try:
-                root = psutil.Process(pid)
-                out[name] = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-        return out
-
-    def run(self) -> None:
-        import psutil
-
-        while not self.stop_event.is_set():
-            want_pss = self.samples % self.pss_every == 0
-            total_rss = total_pss = 0
-            for name, procs in self._trees().items():
-                rss = 0
-                for p in procs:
-                    try:
-                        cpu = p.cpu_times()
-                        self.cpu_s[p.pid] = cpu.user + cpu.system
-                        if want_pss:
-                            info = p.memory_full_info()
-                            total_pss += getattr(info, "pss", info.rss)
-                            rss += info.rss
-                        else:
-                            rss += p.memory_info().rss
-                    except psutil.Error:
-                        continue
-                total_rss += rss
-                self.peak_rss_by_proc[name] = max(self.peak_rss_by_proc.get(name, 0), rss)
-            self.peak_rss = max(self.peak_rss, total_rss)
-            if want_pss:
-                self.peak_pss = max(self.peak_pss, total_pss)
-            self.timeline.append((round(time.time(), 2), total_rss))
-            self.samples += 1
-            self.stop_event.wait(self.interval)
-
-
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, **WORKER_ENV}
     fh = log.open("w")
@@ -643,18 +598,6 @@ def _read(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("fed-rag", "flwr", "torch", "transformers", "sentence-transformers", "peft"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
 
 
 def _weighted_mean(pairs: list[tuple[float, float | None]]) -> float | None:
@@ -703,11 +646,8 @@ def launch(args: argparse.Namespace) -> int:
     # 1. knowledge store (once, sequential; part of setup, also reported on its own)
     t_prep = time.time()
     prep = _spawn(["--role", "prep", *wargs], workdir / "prep.log")
-    prep_sampler = MemorySampler({"prep": prep.pid})
-    prep_sampler.start()
-    prep_rc = prep.wait(timeout=args.timeout)
-    prep_sampler.stop_event.set()
-    prep_sampler.join()
+    with harness.TreeSampler({"prep": prep.pid}) as prep_sampler:
+        prep_rc = prep.wait(timeout=args.timeout)
     prep_s = time.time() - t_prep
 
     # 2. the job: server + K clients, all at once
@@ -720,7 +660,7 @@ def launch(args: argparse.Namespace) -> int:
             procs[f"client{i}"] = _spawn(
                 ["--role", "client", "--cid", str(i), *wargs], workdir / f"client{i}.log"
             )
-        sampler = MemorySampler({n: p.pid for n, p in procs.items()})
+        sampler = harness.TreeSampler({n: p.pid for n, p in procs.items()})
         sampler.start()
         deadline = time.time() + args.timeout
         while any(p.poll() is None for p in procs.values()):
@@ -733,8 +673,7 @@ def launch(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         for p in procs.values():
             _kill(p)
-        sampler.stop_event.set()
-        sampler.join()
+        sampler.stop()
     t_job_end = time.time()
     codes = {n: p.returncode for n, p in procs.items()}
     ok = prep_rc == 0 and not timed_out and all(c == 0 for c in codes.values())
@@ -764,10 +703,10 @@ def launch(args: argparse.Namespace) -> int:
             "peak_rss_sum_gib": sampler.peak_rss / gib if sampler else None,
             "peak_pss_sum_gib": sampler.peak_pss / gib if sampler else None,
             "peak_rss_by_process_gib": (
-                {n: v / gib for n, v in sampler.peak_rss_by_proc.items()} if sampler else {}
+                {n: v / gib for n, v in sampler.peak_by_root.items()} if sampler else {}
             ),
             "memory_samples": sampler.samples if sampler else 0,
-            "job_cpu_s": sum(sampler.cpu_s.values()) if sampler else None,
+            "job_cpu_s": sampler.cpu.total() if sampler else None,
             "prep_peak_rss_gib": prep_sampler.peak_rss / gib,
             "loadavg_1m_start_end": [load_start[0], os.getloadavg()[0]],
         }
@@ -862,7 +801,7 @@ def _assemble(
         "processes": 1 + args.clients,
         "threads_per_process": 1,
         "cpu_count": os.cpu_count(),
-        "versions": _versions(),
+        "versions": harness.versions(PEER_PACKAGES, absent="absent"),
         "workdir": str(workdir),
         "setup_s": setup_s,
         "store_build_s": prep_s,
