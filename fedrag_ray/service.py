@@ -133,6 +133,61 @@ def answer_record(ans: Any, text_chars: int = 200) -> dict[str, Any]:
     }
 
 
+def data_fingerprint(cfg: ExperimentConfig) -> str | None:
+    """A cheap key for "the same corpus as last time": the data section and each data
+    file's resolved path, size and modification time (as ``make`` decides), plus what
+    the store depends on besides the passages. None when a file cannot be stat'ed."""
+    from fedrag_ray.data import resolve_data_path
+    from fedrag_ray.provenance import index_record
+
+    files = []
+    for field in ("path", "corpus", "eval_path"):
+        value = getattr(cfg.data, field)
+        if value:
+            try:
+                p = resolve_data_path(value, f"data.{field}").resolve()
+                st = p.stat()
+            except (OSError, ValueError):
+                return None
+            files.append([str(p), st.st_size, st.st_mtime_ns])
+    rcfg = cfg.retriever
+    record = {
+        "data": cfg.data.model_dump(mode="json"),
+        "files": files,
+        "encoder": [rcfg.model, rcfg.max_length],
+        "index": index_record(cfg.knowledge_store),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fingerprint_file(fingerprint: str) -> Path:
+    from fedrag_ray.models import cache_dir
+
+    return cache_dir() / "stores" / "by-data" / f"{fingerprint}.json"
+
+
+def _open_remembered_store(system: Any, fingerprint: str) -> Path | None:
+    """The cached store this data fingerprint was last answered from, if it is still
+    there and still matches the encoder and index settings (its passages were checked
+    against the data when it was remembered): then ``ask`` need not parse the data."""
+    from fedrag_ray.knowledge_store import KnowledgeStore, KnowledgeStoreError
+    from fedrag_ray.provenance import differences, store_provenance
+
+    try:
+        path = Path(json.loads(_fingerprint_file(fingerprint).read_text())["store"])
+        store = KnowledgeStore.load(
+            path, expected_dim=system.retriever.dim, device=system.cfg.knowledge_store.device
+        )
+    except (OSError, ValueError, KeyError, TypeError, KnowledgeStoreError):
+        return None
+    expected = store_provenance(system.retriever, [], system.cfg.knowledge_store)
+    expected.pop("passages_sha256")
+    if differences(store.provenance, expected):
+        return None
+    system.store = store
+    return path
+
+
 class Answerer:
     """Config → data → models (+ trainable state) → store, once; then ``ask`` per
     question costs one retrieval and one generation."""
@@ -153,13 +208,26 @@ class Answerer:
         phase = on_phase or (lambda _m: None)
         configure_process(threads)
         t = time.perf_counter()
-        phase("loading data")
-        data = load_dataset_from_config(cfg.data)
         phase("loading models")
         self.system = RAGSystem(cfg)
         if state is not None:
             load_state(self.system, state)
-        self.store_path = open_store(self.system, data.passages, run_dir, phase)
+        # A configured store path is checked against the data every time (as train does);
+        # the cache is found again by the data files' fingerprint, without parsing them.
+        fingerprint = None if cfg.knowledge_store.path else data_fingerprint(cfg)
+        remembered = fingerprint and _open_remembered_store(self.system, fingerprint)
+        if remembered:
+            self.store_path = remembered
+        else:
+            phase("loading data")
+            data = load_dataset_from_config(cfg.data)
+            self.store_path = open_store(self.system, data.passages, run_dir, phase)
+            if fingerprint and self.store_path == store_cache_path(cfg, data.passages):
+                from fedrag_ray.atomic import atomic_write_json
+
+                atomic_write_json(
+                    _fingerprint_file(fingerprint), {"store": str(self.store_path.resolve())}
+                )
         self.system.generator.model.eval()
         self.load_seconds = time.perf_counter() - t
 
