@@ -206,8 +206,8 @@ class Answerer:
         from fedrag_ray.runtime import configure_process
 
         phase = on_phase or (lambda _m: None)
-        configure_process(threads)
         t = time.perf_counter()
+        configure_process(threads)  # imports torch and transformers: part of the cost
         phase("loading models")
         self.system = RAGSystem(cfg)
         if state is not None:
