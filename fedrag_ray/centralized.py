@@ -17,13 +17,14 @@ from fedrag_ray.data import RagDataset, eval_examples, load_dataset_from_config
 from fedrag_ray.evaluate import Evaluation, evaluate_detailed
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.methods import local_train, make_optimizer, make_scheduler
+from fedrag_ray.progress import ProgressFn
 from fedrag_ray.rag import RAGSystem
 from fedrag_ray.runtime import seed_everything
 from fedrag_ray.stats import paired_gains
 
 
 def prepare_store(
-    system: RAGSystem, data: RagDataset, show_progress: bool = False
+    system: RAGSystem, data: RagDataset, show_progress: bool | ProgressFn = False
 ) -> KnowledgeStore:
     """Load the configured store if it exists (checking that it was built from this
     corpus, encoder and index settings), else build it and, when a path is configured,
@@ -85,15 +86,17 @@ def run_centralized(
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     train_subset: list[int] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """One-site fine-tuning; a ``tracking:`` section also logs it (fedrag_ray.tracking).
 
     ``train_subset``: indices into the training questions to train on instead of all of
-    them — one federated client's partition trained alone (the local-only baseline)."""
+    them — one federated client's partition trained alone (the local-only baseline).
+    ``progress(stage, done, total)``: indexing and evaluation batches as they finish."""
     from fedrag_ray.tracking import track_centralized
 
     def run(*args: Any) -> dict[str, Any]:
-        return _run_centralized(*args, train_subset=train_subset)
+        return _run_centralized(*args, train_subset=train_subset, progress=progress)
 
     return track_centralized(run, cfg, output, on_step, on_phase)
 
@@ -104,6 +107,7 @@ def _run_centralized(
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     train_subset: list[int] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     phase = on_phase or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -120,13 +124,17 @@ def _run_centralized(
 
     t = time.perf_counter()
     phase(f"indexing {len(data.passages)} passages")
-    store = prepare_store(system, data)
+    store = prepare_store(system, data, progress or False)
     timings["index_s"] = time.perf_counter() - t
 
     held = eval_examples(cfg, data)
     t = time.perf_counter()
     phase(f"evaluating before training ({len(held)} questions)")
-    before = evaluate_detailed(system, held, store) if cfg.eval.before else Evaluation({})
+    before = (
+        evaluate_detailed(system, held, store, progress=progress)
+        if cfg.eval.before
+        else Evaluation({})
+    )
     timings["eval_before_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -177,7 +185,7 @@ def _run_centralized(
 
     t = time.perf_counter()
     phase("evaluating after training")
-    after = evaluate_detailed(system, held, store)
+    after = evaluate_detailed(system, held, store, progress=progress)
     timings["eval_after_s"] = time.perf_counter() - t
     ev = cfg.eval
     timings["total_s"] = time.perf_counter() - t0

@@ -590,6 +590,25 @@ class TrackingConfig(_Strict):
     """Federated: keep every round's global arrays (RUN_DIR/rounds/) for `export --round`."""
 
 
+class ServeConfig(_Strict):
+    """``fedrag-ray serve RUN_DIR``: the fine-tuned system behind HTTP on Ray Serve.
+    ``num_replicas`` copies of the whole system (retriever, store, generator), each
+    reserving ``num_cpus`` Ray CPUs; ``host`` / ``port`` the HTTP proxy binds (loopback
+    by default: nothing is exposed unless asked); a question longer than
+    ``max_question_chars`` is refused with 413 before any work."""
+
+    num_replicas: int = Field(1, ge=1)
+    """Copies of the whole system (retriever, store, generator) behind the endpoint."""
+    num_cpus: float = Field(1.0, gt=0.0)
+    """Ray CPUs each replica reserves."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds (loopback by default: nothing is exposed unless asked)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port of the HTTP proxy."""
+    max_question_chars: int = Field(2000, ge=1)
+    """Longer questions are refused with HTTP 413 before any work."""
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     """Experiment name (run names, tracking)."""
@@ -619,6 +638,8 @@ class ExperimentConfig(_Strict):
     """Ray Tune sweep (`fedrag-ray tune`); see the `tune` section below."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow / TensorBoard tracking of `train` and `simulate`."""
+    serve: ServeConfig = ServeConfig()
+    """`fedrag-ray serve`: replicas, resources and the HTTP address."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -630,6 +651,8 @@ class ExperimentConfig(_Strict):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line for one problem (the usual case: the CLI prints it as is), else one line
+    per problem under a heading."""
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -640,6 +663,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             allowed = e.get("ctx", {}).get("expected", "")
             msg = f"got {e.get('input')!r}; allowed values: {allowed}"
         lines.append(f"  {path}: {msg}")
+    if len(lines) == 2:
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 
@@ -666,12 +691,21 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where (PyYAML's own text spans several lines,
+    with a caret drawing)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def load_raw(path: str | Path) -> dict[str, Any]:
     p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {p} is not valid YAML: {err}") from None
+        raise ConfigError(f"config {p} is not valid YAML ({yaml_problem(err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {p}: top level must be a mapping")
     return _resolve_relative_paths(raw, p.parent)

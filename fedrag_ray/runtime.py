@@ -45,11 +45,10 @@ def quiet_env() -> dict[str, str]:
     }
 
 
-def configure_process(threads: int | None = None) -> None:
-    """Quiet, offline-friendly defaults. ``threads`` caps torch's intra-op pool: one per
-    Ray client slot, so N actors on N cores do not oversubscribe. Without ``--verbose``
-    (FEDRAG_RAY_VERBOSE) the libraries' deprecation notices and per-load progress bars
-    (one "Loading weights" bar per actor and model) stay off the console."""
+def quiet_this_process() -> None:
+    """The environment switches and warning filters of :func:`configure_process`, without
+    importing anything: the CLI calls it first, since tqdm, huggingface_hub and
+    transformers read their switches once, when first imported."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -58,6 +57,15 @@ def configure_process(threads: int | None = None) -> None:
             os.environ.setdefault(key, value)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def configure_process(threads: int | None = None) -> None:
+    """Quiet, offline-friendly defaults. ``threads`` caps torch's intra-op pool: one per
+    Ray client slot, so N actors on N cores do not oversubscribe. Without ``--verbose``
+    (FEDRAG_RAY_VERBOSE) the libraries' deprecation notices and per-load progress bars
+    (one "Loading weights" bar per actor and model) stay off the console."""
+    quiet_this_process()
+    if not verbose():
         logging.getLogger("flwr").setLevel(logging.ERROR)
         try:
             import transformers

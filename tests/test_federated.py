@@ -416,7 +416,7 @@ def test_server_task_moves_to_the_next_node_when_an_actor_fails():
     server.task_nodes = [11, 12, 13, 14]
     grid = Grid(failing={11})
     arrays = {"generator.w": np.zeros((2, 2), np.float32)}
-    assert server.evaluate(grid, arrays) == {"recall@5": 0.5, "n": 4.0}
+    assert server.evaluate(grid, arrays) == {"recall@5": 0.5, "n": 4.0, "per_question": {}}
     assert grid.sent == [(11, "evaluate"), (12, "evaluate")]
 
     grid = Grid(failing={11, 12, 13, 14})

@@ -44,6 +44,7 @@ from fedrag_ray.federated.server_app import (
 )
 from fedrag_ray.federated.store_access import check_store_roots
 from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStore, read_manifest
+from fedrag_ray.progress import ProgressFn
 from fedrag_ray.provenance import check_provenance, shard_provenance
 from fedrag_ray.runtime import configure_process, quiet_env, verbose
 from fedrag_ray.stats import paired_gains
@@ -183,8 +184,10 @@ def run_federated(
     on_phase: Callable[[str], None] | None = None,
     num_cpus: int | None = None,
     stock_backend: bool = False,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """The federated run; a ``tracking:`` section also logs it (fedrag_ray.tracking).
+    ``progress(stage, done, total)``: each round's clients as their replies arrive.
 
     ``stock_backend``: Flower 1.41's own RayBackend and message poller instead of
     fedrag_ray's (``ray_backend``), as the baseline of benchmarks/simulation_scale.py; its
@@ -201,6 +204,7 @@ def run_federated(
         on_phase=on_phase,
         num_cpus=num_cpus,
         stock_backend=stock_backend,
+        progress=progress,
     )
 
 
@@ -214,6 +218,7 @@ def _run_federated(
     num_cpus: int | None = None,
     stock_backend: bool = False,
     inference: InferenceFn | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     fed = cfg.federation
     if fed is None:
@@ -290,6 +295,7 @@ def _run_federated(
             nodes=nodes,
             partitions=partitions,
             inference=inference,
+            progress=progress,
         )
         backend_config = {
             "client_resources": ray_client_resources(fed.client_resources),
