@@ -74,6 +74,9 @@ def host_of(doc: Doc) -> str:
     cores = m.get("cpus") or m.get("cpu_count") or m.get("logical_cpus")
     bf16 = m.get("cpu_bf16")
     parts = [cpu + (f", {cores} cores" if cores else "")]
+    threads = doc.get("torch_threads")
+    if threads and cores and threads < cores:  # e.g. a run pinned to one core
+        parts.append(f"run on {threads} torch thread{'s' if threads > 1 else ''}")
     if bf16:
         parts.append("/".join(bf16))
     gpu = m.get("cuda") or m.get("gpu")
