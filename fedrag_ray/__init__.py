@@ -50,6 +50,9 @@ _EXPORTS = {
     "TextEncoder": "fedrag_ray.text_encoder",
     "run_federated": "fedrag_ray.federated.simulation",
     "run_sweep": "fedrag_ray.tune",
+    "Answerer": "fedrag_ray.service",
+    "preflight": "fedrag_ray.preflight",
+    "ProgressFn": "fedrag_ray.progress",
 }
 
 __version__ = "0.1.0"
@@ -65,6 +68,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "Answerer",
     "BiEncoderRetriever",
     "CombinedStore",
     "ConfigError",
@@ -75,6 +79,7 @@ __all__ = [
     "KnowledgeStore",
     "KnowledgeStoreError",
     "Passage",
+    "ProgressFn",
     "QAExample",
     "RAGSystem",
     "RagAnswer",
@@ -96,6 +101,7 @@ __all__ = [
     "mean_reciprocal_rank",
     "merge_by_score",
     "partition_examples",
+    "preflight",
     "ralt_loss",
     "recall_at_k",
     "reciprocal_rank_fusion",

@@ -17,13 +17,14 @@ from fedrag_ray.data import RagDataset, eval_examples, load_dataset_from_config
 from fedrag_ray.evaluate import Evaluation, evaluate_detailed
 from fedrag_ray.knowledge_store import KnowledgeStore
 from fedrag_ray.methods import local_train, make_optimizer, make_scheduler
+from fedrag_ray.progress import ProgressFn
 from fedrag_ray.rag import RAGSystem
 from fedrag_ray.runtime import seeded
 from fedrag_ray.stats import paired_gains
 
 
 def prepare_store(
-    system: RAGSystem, data: RagDataset, show_progress: bool = False
+    system: RAGSystem, data: RagDataset, show_progress: bool | ProgressFn = False
 ) -> KnowledgeStore:
     """Load the configured store if it exists (checking that it was built from this
     corpus, encoder and index settings), else build it and, when a path is configured,
@@ -83,18 +84,20 @@ def run_centralized(
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     train_subset: list[int] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """One-site fine-tuning; a ``tracking:`` section also logs it (fedrag_ray.tracking).
 
     ``train_subset``: indices into the training questions to train on instead of all of
-    them — one federated client's partition trained alone (the local-only baseline)."""
+    them — one federated client's partition trained alone (the local-only baseline).
+    ``progress(stage, done, total)``: indexing and evaluation batches as they finish."""
     from fedrag_ray.compat import check_versions
     from fedrag_ray.tracking import track_centralized
 
     check_versions()  # peft's private hooks: the tested version
 
     def run(*args: Any) -> dict[str, Any]:
-        return _run_centralized(*args, train_subset=train_subset)
+        return _run_centralized(*args, train_subset=train_subset, progress=progress)
 
     return track_centralized(run, cfg, output, on_step, on_phase)
 
@@ -176,10 +179,11 @@ def _run_centralized(
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     train_subset: list[int] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """The run, with the global RNGs seeded by ``cfg.seed`` for its duration only."""
     with seeded(cfg.seed):
-        return _run_seeded(cfg, output, on_step, on_phase, train_subset)
+        return _run_seeded(cfg, output, on_step, on_phase, train_subset, progress)
 
 
 def _setup(
@@ -203,6 +207,7 @@ def _run_seeded(
     on_step: Callable[[int, float], None] | None,
     on_phase: Callable[[str], None] | None,
     train_subset: list[int] | None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     phase = on_phase or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -212,13 +217,13 @@ def _run_seeded(
 
     t = time.perf_counter()
     phase(f"indexing {len(data.passages)} passages")
-    store = prepare_store(system, data)
+    store = prepare_store(system, data, progress or False)
     timings["index_s"] = time.perf_counter() - t
 
     held = eval_examples(cfg, data)
     t = time.perf_counter()
     phase(f"evaluating before training ({len(held)} questions)")
-    before = evaluate_detailed(system, held, store) if cfg.eval.before else Evaluation({})
+    before = _evaluate_before(system, held, store, progress)
     timings["eval_before_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -227,7 +232,7 @@ def _run_seeded(
 
     t = time.perf_counter()
     phase("evaluating after training")
-    after = evaluate_detailed(system, held, store)
+    after = evaluate_detailed(system, held, store, progress=progress)
     timings["eval_after_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
@@ -256,6 +261,15 @@ def _run_seeded(
         _save(Path(output), cfg, system, losses, results)
     results["system"] = system  # in-process callers (tests) may inspect it; not serialised
     return results
+
+
+def _evaluate_before(
+    system: RAGSystem, held: list[Any], store: KnowledgeStore, progress: ProgressFn | None
+) -> Evaluation:
+    """The evaluation before training; none when ``eval.before`` is off."""
+    if not system.cfg.eval.before:
+        return Evaluation({})
+    return evaluate_detailed(system, held, store, progress=progress)
 
 
 def _evaluation_results(

@@ -1,9 +1,10 @@
-"""``fedrag-ray``: train, eval, index build, ask, simulate, tune.
+"""``fedrag-ray``: train, eval, index build, ask, serve, simulate, tune, export.
 
-Every command validates the whole config before any model loads, shows progress on long
-work, prints a summary table, and with ``--output DIR`` writes ``DIR/results.json`` plus
-plots. Known user errors (config, data, store, resources, checkpoints) print one clear
-message and exit with status 2 instead of a traceback.
+Every command runs ``fedrag_ray.preflight`` (config, model names, data files, output
+locations, checkpoints) before any model loads or Ray starts, shows progress on long work,
+prints a summary table, and with ``--output DIR`` writes ``DIR/results.json`` plus plots.
+Known user errors print one line naming the field or file and exit with status 2; an
+unexpected error prints one traceback, without local variables (they can hold user data).
 """
 
 from __future__ import annotations
@@ -17,12 +18,26 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from fedrag_ray.config import ConfigError, ExperimentConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__,
+    pretty_exceptions_show_locals=False,
+)
 index_app = typer.Typer(no_args_is_help=True, help="Knowledge-store commands.")
 app.add_typer(index_app, name="index")
 data_app = typer.Typer(no_args_is_help=True, help="Dataset commands.")
@@ -59,20 +74,24 @@ def _global_options(
         os.environ[VERBOSE_ENV] = "1"
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from fedrag_ray.data import DataError
-    from fedrag_ray.federated.checkpoint import CheckpointError
-    from fedrag_ray.federated.resources import ResourceError
-    from fedrag_ray.knowledge_store import KnowledgeStoreError
+USER_ERRORS = [
+    ("fedrag_ray.config", "ConfigError"),
+    ("fedrag_ray.data", "DataError"),
+    ("fedrag_ray.knowledge_store", "KnowledgeStoreError"),
+    ("fedrag_ray.federated.resources", "ResourceError"),
+    ("fedrag_ray.federated.checkpoint", "CheckpointError"),
+]
 
-    return (
-        ConfigError,
-        DataError,
-        KnowledgeStoreError,
-        ResourceError,
-        CheckpointError,
-        FileNotFoundError,
-    )
+
+def _is_user_error(err: BaseException) -> bool:
+    """A known user error. Only modules already imported are looked at: an error cannot
+    come from a class never loaded, and importing ``fedrag_ray.federated`` (Flower, Ray)
+    just to check would cost seconds on every failing command."""
+    classes: list[type[BaseException]] = [FileNotFoundError]
+    for module, name in USER_ERRORS:
+        if module in sys.modules:
+            classes.append(getattr(sys.modules[module], name))
+    return isinstance(err, tuple(classes))
 
 
 def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
@@ -81,22 +100,45 @@ def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
     out = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            from fedrag_ray.config import yaml_problem
+
+            raise ConfigError(
+                f"--set {key}: value {value!r} is not valid YAML ({yaml_problem(err)})"
+            ) from None
     return out
 
 
 def _load(config: str, sets: list[str] | None) -> ExperimentConfig:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from fedrag_ray.runtime import quiet_this_process
+
+    quiet_this_process()  # before tqdm / huggingface_hub / transformers are imported
     return load_config(config, _parse_sets(sets))
+
+
+def _preflight(cfg: ExperimentConfig, **kwargs: Any) -> Any:
+    from fedrag_ray.preflight import preflight
+
+    return preflight(cfg, **kwargs)
 
 
 def _run(fn: Any) -> None:
     try:
         fn()
-    except _user_errors() as err:
-        console.print(f"[bold red]error:[/] {err}")
+    except Exception as err:
+        if not _is_user_error(err):
+            from fedrag_ray.runtime import verbose
+
+            if not verbose():  # one traceback: the chain of causes only with --verbose
+                err.__cause__, err.__suppress_context__ = None, True
+            raise
+        # one line, as written (no markup, no wrapping): scripts and tests grep it
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -149,15 +191,52 @@ def _summary_table(
     return table
 
 
+class _RateColumn(ProgressColumn):
+    """Items per second (or seconds per item when slower than one a second)."""
+
+    def render(self, task: Any) -> Any:
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text("")
+        return Text(f"{speed:.2f}/s" if speed >= 1 else f"{1 / speed:.1f}s/it")
+
+
 def _progress() -> Progress:
+    """Count, rate and ETA of long work, drawn only on a terminal: piped into a file or
+    a CI log, rich would print every refresh, so there the phases are plain log lines
+    (``_phase_logger``) and the bars stay off."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        _RateColumn(),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=console,
+        disable=not console.is_terminal,
     )
+
+
+class _StageBar:
+    """A ``progress(stage, done, total)`` callback (``fedrag_ray.progress``) that drives
+    one bar: a new stage (or ``done`` back at 0) restarts it, so its rate and ETA are the
+    stage's own. Without a terminal each stage is one log line and nothing else."""
+
+    def __init__(self, progress: Progress, task: Any) -> None:
+        self.progress, self.task = progress, task
+        self.stage: str | None = None
+
+    def __call__(self, stage: str, done: int, total: int, info: str = "") -> None:
+        if stage != self.stage or done == 0:
+            self.stage = stage
+            self.progress.reset(self.task, total=total, completed=done, description=stage)
+            if not console.is_terminal:
+                console.log(f"{stage}: {total}")
+        self.progress.update(self.task, completed=done, total=total, info=info)
 
 
 def _phase_logger(progress: Progress, task: Any) -> Any:
@@ -185,19 +264,20 @@ def train(
 
     def go() -> None:
         cfg = _load(config, set_)
+        data = _preflight(cfg, output=output)
         from fedrag_ray.centralized import run_centralized
-        from fedrag_ray.data import load_dataset_from_config
 
-        n_train = len(load_dataset_from_config(cfg.data).train)
-        per_epoch = math.ceil(n_train / cfg.train.batch_size)
+        per_epoch = math.ceil(len(data.train) / cfg.train.batch_size)
         total = cfg.train.max_steps or per_epoch * cfg.train.epochs
         with _progress() as progress:
             task = progress.add_task("starting", total=total, info="")
+            bar = _StageBar(progress, task)
             res = run_centralized(
                 cfg,
                 output,
-                on_step=lambda s, loss: progress.update(task, completed=s, info=f"loss {loss:.4f}"),
+                on_step=lambda s, loss: bar("training steps", s, total, f"loss {loss:.4f}"),
                 on_phase=_phase_logger(progress, task),
+                progress=bar,
             )
         console.print(
             _summary_table(
@@ -233,26 +313,28 @@ def eval_(
     With --federated: merged federated retrieval vs central retrieval (same corpus)."""
 
     def go() -> None:
-        import numpy as np
-
+        cfg = _load(config, set_)
+        data = _preflight(cfg, output=output, state=state, needs_federation=federated)
         if federated:
-            _federated_eval(_load(config, set_), output, address)
+            _federated_eval(cfg, output, address)
             return
 
         from fedrag_ray.centralized import eval_examples, prepare_store
-        from fedrag_ray.data import load_dataset_from_config
         from fedrag_ray.evaluate import evaluate
         from fedrag_ray.rag import RAGSystem
+        from fedrag_ray.runtime import configure_process
+        from fedrag_ray.service import load_state
 
-        cfg = _load(config, set_)
-        with console.status("loading data, models and index"):
-            data = load_dataset_from_config(cfg.data)
+        configure_process()
+        with console.status("loading models"):
             system = RAGSystem(cfg)
             if state:
-                system.load_trainable_state(dict(np.load(state)))
-            store = prepare_store(system, data)
-        with console.status("evaluating"):
-            metrics = evaluate(system, eval_examples(cfg, data), store, closed_book=closed_book)
+                load_state(system, state)
+        held = eval_examples(cfg, data)
+        with _progress() as progress:
+            bar = _StageBar(progress, progress.add_task("indexing", total=None, info=""))
+            store = prepare_store(system, data, bar)
+            metrics = evaluate(system, held, store, closed_book=closed_book, progress=bar)
         title = f"{cfg.name}: evaluation ({int(metrics['n'])} questions)"
         _show_metrics(cfg, title, "metrics", metrics, output)
 
@@ -305,17 +387,20 @@ def index_build(
     def go() -> None:
         import time
 
-        from fedrag_ray.data import load_dataset_from_config
-        from fedrag_ray.retriever import BiEncoderRetriever
-
         cfg = _load(config, set_)
         target = output or (Path(cfg.knowledge_store.path) if cfg.knowledge_store.path else None)
         if target is None:
             raise ConfigError("knowledge_store.path: set it in the config or pass --output")
+        from fedrag_ray.preflight import check_writable
+
+        data = _preflight(cfg)
+        check_writable(target, "--output" if output else "knowledge_store.path")
         from fedrag_ray.knowledge_store import KnowledgeStore
         from fedrag_ray.provenance import store_provenance
+        from fedrag_ray.retriever import BiEncoderRetriever
+        from fedrag_ray.runtime import configure_process
 
-        data = load_dataset_from_config(cfg.data)
+        configure_process()
         retriever = BiEncoderRetriever(cfg.retriever.model_copy(update={"train": "none"}))
         ks = cfg.knowledge_store
         store = KnowledgeStore.from_config(retriever.dim, ks)
@@ -382,60 +467,115 @@ def _federated_ask(
 
 @app.command()
 def ask(
-    config: str = typer.Argument(...),
-    question: str = typer.Argument(...),
+    config: str = typer.Argument(..., help="YAML config path or bundled config name"),
+    question: str | None = typer.Argument(None, help="The question (or --interactive)"),
     state: Path | None = typer.Option(None, help="trainable_state.npz to load"),
+    interactive: bool = typer.Option(
+        False,
+        "--interactive",
+        "-i",
+        help="Load once, then answer questions read from stdin until EOF, an empty line or 'exit'",
+    ),
+    threads: int = typer.Option(
+        1,
+        min=1,
+        help="torch threads. One question is many small matrix products; with more "
+        "threads each waits for the others, and on a busy machine that wait dominates",
+    ),
     federated: bool = typer.Option(
         False, help="Search every client's private knowledge and merge (needs federation:)"
     ),
     address: str | None = typer.Option(None, help="--federated: join a Ray cluster"),
     set_: list[str] | None = Sets,
 ) -> None:
-    """Answer one question with the RAG pipeline and show the passages it used."""
+    """Answer a question with the RAG pipeline and show the passages it used (JSON on
+    stdout). The knowledge store is built once and reused: knowledge_store.path, the
+    run directory's own store next to --state, or a provenance-checked cache entry."""
 
     def go() -> None:
-        import numpy as np
-
-        from fedrag_ray.centralized import prepare_store
-        from fedrag_ray.data import load_dataset_from_config
-        from fedrag_ray.rag import RAGSystem
-
         cfg = _load(config, set_)
+        if interactive and federated:
+            raise ConfigError("--interactive: not with --federated (one Ray run per question)")
+        if not interactive and not (question or "").strip():
+            raise ConfigError("QUESTION: give a question, or --interactive to read them")
+        _preflight(cfg, state=state, needs_federation=federated, load_data=False)
         if federated:
-            _federated_ask(cfg, question, state, address)
+            _federated_ask(cfg, question or "", state, address)
             return
-        data = load_dataset_from_config(cfg.data)
-        system = RAGSystem(cfg)
-        if state:
-            system.load_trainable_state(dict(np.load(state)))
         if cfg.knowledge_store.serve == "actors":
-            from fedrag_ray import index_service
-            from fedrag_ray.federated.knowledge import ensure_global_store
+            _served_ask(cfg, question or "", state)
+            return
+        from fedrag_ray.service import Answerer
 
-            if not cfg.knowledge_store.path:
-                raise ConfigError("knowledge_store.path: serve: actors needs a saved store")
-            path = Path(cfg.knowledge_store.path)
-            ensure_global_store(system, data.passages, path)
-            with index_service.serving(path, cfg.knowledge_store.serve_cpus) as served:
-                system.store = served
-                ans = system.answer(question)
-        else:
-            prepare_store(system, data)
-            ans = system.answer(question)
-        print(
-            json.dumps(
-                {
-                    "answer": ans.answer,
-                    "sources": [
-                        {"id": p.id, "doc_id": p.doc_id, "score": s, "text": p.text[:200]}
-                        for p, s in zip(ans.passages, ans.scores, strict=True)
-                    ],
-                },
-                indent=2,
+        with console.status("loading data, models and the knowledge store") as status:
+            answerer = Answerer(
+                cfg,
+                state,
+                run_dir=state.parent if state else None,
+                on_phase=lambda m: status.update(m),
+                threads=threads,
             )
-        )
+        if not interactive:
+            print(json.dumps(answerer.ask(question or ""), indent=2), flush=True)
+            return
+        _ask_loop(answerer, question)
 
     _run(go)
+
+
+EXIT_WORDS = ("exit", "quit", ":q")
+
+
+def _ask_loop(answerer: Any, first: str | None) -> None:
+    """``ask --interactive``: one JSON answer per line read; the prompt and timings go to
+    stderr, so stdout stays a stream of answers a script can read."""
+    import time
+
+    console.print(
+        f"ready in {answerer.load_seconds:.1f}s; ask away (empty line, 'exit' or EOF ends)",
+        highlight=False,
+    )
+    pending = [first] if first and first.strip() else []
+    while True:
+        if pending:
+            line = pending.pop()
+        else:
+            sys.stderr.write("question> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:  # EOF
+                break
+        line = line.strip()
+        if not line or line.lower() in EXIT_WORDS:
+            break
+        t = time.perf_counter()
+        record = answerer.ask(line)
+        print(json.dumps(record, indent=2), flush=True)
+        console.print(f"answered in {time.perf_counter() - t:.2f}s", highlight=False)
+
+
+def _served_ask(cfg: ExperimentConfig, question: str, state: Path | None) -> None:
+    """``knowledge_store.serve: actors``: the store's shard actors answer the search."""
+    from fedrag_ray import index_service
+    from fedrag_ray.data import load_dataset_from_config
+    from fedrag_ray.federated.knowledge import ensure_global_store
+    from fedrag_ray.rag import RAGSystem
+    from fedrag_ray.runtime import configure_process
+    from fedrag_ray.service import answer_record, load_state
+
+    if not cfg.knowledge_store.path:
+        raise ConfigError("knowledge_store.path: serve: actors needs a saved store")
+    configure_process()
+    data = load_dataset_from_config(cfg.data)
+    system = RAGSystem(cfg)
+    if state:
+        load_state(system, state)
+    path = Path(cfg.knowledge_store.path)
+    ensure_global_store(system, data.passages, path)
+    with index_service.serving(path, cfg.knowledge_store.serve_cpus) as served:
+        system.store = served
+        ans = system.answer(question)
+    print(json.dumps(answer_record(ans), indent=2))
 
 
 def _round_line(row: dict[str, Any]) -> str:
@@ -468,14 +608,15 @@ def simulate(
     """Federated fine-tuning simulated with Flower on Ray (needs a federation: section)."""
 
     def go() -> None:
+        cfg = _load(config, set_)
+        out = resume or output
+        _preflight(cfg, output=out, resume=resume, needs_federation=True)
         from fedrag_ray.federated import run_federated
 
-        cfg = _load(config, set_)
-        if cfg.federation is None:
-            raise ConfigError("federation: this command needs a federation: section")
-        out = resume or output
+        assert cfg.federation is not None  # checked by the preflight
         with _progress() as progress:
             task = progress.add_task("starting", total=cfg.federation.rounds, info="")
+            clients = _StageBar(progress, progress.add_task("clients", total=None, info=""))
 
             def on_round(row: dict[str, Any]) -> None:
                 progress.console.print(_round_line(row))
@@ -489,6 +630,7 @@ def simulate(
                 on_round=on_round,
                 on_phase=_phase_logger(progress, task),
                 num_cpus=num_cpus,
+                progress=clients,
             )
         fed = cfg.federation
         title = (
@@ -542,9 +684,13 @@ def tune(
     """Ray Tune sweep: each trial is a whole federated (or centralized) run."""
 
     def go() -> None:
-        from fedrag_ray.tune import run_sweep
+        from fedrag_ray.config import apply_overrides, config_from_dict, load_raw
+        from fedrag_ray.tune import _without_tune, parse_tune_config, run_sweep
 
         raw_overrides = _parse_sets(set_)
+        raw = apply_overrides(load_raw(config), raw_overrides)
+        parse_tune_config(raw)
+        _preflight(config_from_dict(_without_tune(raw), str(config)), output=output)
         run_sweep(
             config,
             output,
@@ -554,6 +700,52 @@ def tune(
             overrides=raw_overrides,
             console=console,
         )
+
+    _run(go)
+
+
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="A train / simulate output directory"),
+    address: str | None = typer.Option(None, help="Join a Ray cluster: auto or HOST:PORT"),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a field of the run's config: --set serve.port=8080"
+    ),
+) -> None:
+    """Serve the fine-tuned system over HTTP on Ray Serve: POST /ask {"question": ...}
+    answers with the answer and its sources, GET /health; replicas, CPUs, host and port
+    from the config's serve: section. Runs until Ctrl-C."""
+
+    def go() -> None:
+        from fedrag_ray.config import apply_overrides, config_from_dict
+        from fedrag_ray.runtime import quiet_this_process
+        from fedrag_ray.serve import check_serve_installed, run_server
+        from fedrag_ray.service import run_config
+
+        quiet_this_process()
+        cfg, state = run_config(run_dir)
+        if set_:
+            raw = apply_overrides(cfg.model_dump(mode="json"), _parse_sets(set_))
+            cfg = config_from_dict(raw, f"{run_dir} with --set")
+        _preflight(cfg, state=state, load_data=True)
+        check_serve_installed()
+
+        status = console.status("starting Ray Serve and loading the system on each replica")
+        status.start()
+
+        def ready(url: str) -> None:
+            status.stop()
+            console.print(
+                f"serving {cfg.name} on {url}: POST /ask, GET /health (Ctrl-C stops)",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        try:
+            run_server(cfg, state, run_dir, address, on_ready=ready)
+        finally:
+            status.stop()
+        console.print("stopped", highlight=False)
 
     _run(go)
 
@@ -574,7 +766,11 @@ def export(
 
     def go() -> None:
         from fedrag_ray.export import ExportError, export_run
+        from fedrag_ray.preflight import check_writable
 
+        if not run_dir.is_dir():
+            raise ConfigError(f"RUN_DIR: {run_dir} is not a directory")
+        check_writable(output, "--output")
         try:
             with console.status("exporting"):
                 manifest = export_run(run_dir, output, round_, trial, merge=merge, store=store)

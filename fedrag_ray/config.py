@@ -24,7 +24,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 StrictModel = _Strict  # public: other config sections (tune.py) are strict the same way
@@ -49,15 +51,30 @@ class DataConfig(_Strict):
     """
 
     format: Literal["squad", "pubmedqa", "qa_jsonl"] = "pubmedqa"
+    """Input format: `squad` (SQuAD v1.1 JSON, open-domain over every paragraph),
+    `pubmedqa` (PQA-L JSON) or `qa_jsonl` (JSONL/JSON/Parquet question rows plus a corpus
+    file)."""
     path: str = "data:pubmedqa/pqal_trainval.json"
+    """Questions file (training questions, and the held-out split unless `eval_path` is set);
+    `data:NAME` reads from the data directory (`$FEDRAG_RAY_DATA`), other paths are relative
+    to the YAML."""
     corpus: str | None = None
+    """Passages file for `qa_jsonl` (rows {id, text, doc_id?, metadata?}); unused for `pubmedqa`."""
     eval_path: str | None = None
+    """Separate held-out questions file; unset: `eval_fraction` of `path` is held out."""
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of the questions held out for evaluation when `eval_path` is unset."""
     answer: Literal["label", "long"] = "label"
+    """Training/evaluation target: `label` (yes/no/maybe, scored as options) or `long` (free text,
+    generated)."""
     max_train: int | None = Field(None, ge=1)
+    """Cap on training questions (after the split); unset: all."""
     max_eval: int | None = Field(None, ge=1)
+    """Cap on held-out questions; unset: all."""
     max_articles: int | None = Field(None, ge=2)
+    """SQuAD: keep a seeded subset of this many articles (corpus included), for quick runs."""
     split_seed: int = 0
+    """Seed of the train/held-out split."""
 
 
 class RetrieverConfig(_Strict):
@@ -66,19 +83,31 @@ class RetrieverConfig(_Strict):
     passage side stays frozen so the index never goes stale (as in RA-DIT)."""
 
     model: str = "default"
+    """Passage (and, unless `query_model`, query) encoder: `default` (all-MiniLM-L6-v2, offline), a
+    sentence-transformers directory or a hub name."""
     query_model: str | None = None
+    """A separate query encoder; unset: the query encoder starts from `model`."""
     max_length: int = Field(128, ge=8)
+    """Encoder input length in tokens."""
     batch_size: int = Field(64, ge=1)
+    """Encoding batch size when embedding passages and queries."""
     train: Literal["full", "lora", "none"] = "full"
+    """How LSR trains the query encoder: `full` weights, a `lora` adapter, or `none` (frozen)."""
     lora_r: int = Field(8, ge=1)
+    """LoRA rank of the query encoder when `train: lora`."""
     lora_alpha: int = Field(16, ge=1)
+    """LoRA alpha (scale numerator) of the query encoder when `train: lora`."""
 
 
 class LoraConfig(_Strict):
     r: int = Field(8, ge=1)
+    """LoRA rank of the generator's adapter."""
     alpha: int = Field(16, ge=1)
+    """LoRA alpha (the update is scaled by alpha / r)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input during training."""
     target_modules: list[str] = ["q_proj", "v_proj"]
+    """Module names of the generator that get LoRA adapters."""
 
 
 class TinyGeneratorSpec(_Strict):
@@ -86,9 +115,13 @@ class TinyGeneratorSpec(_Strict):
     built from config (seeded), for fast tests of the machinery, never for quality."""
 
     hidden_size: int = Field(64, ge=8)
+    """Hidden size of the `tiny-random` test model."""
     num_layers: int = Field(2, ge=1)
+    """Decoder layers of the `tiny-random` test model."""
     num_heads: int = Field(4, ge=1)
+    """Attention heads of the `tiny-random` test model."""
     intermediate_size: int = Field(256, ge=8)
+    """MLP width of the `tiny-random` test model."""
 
 
 class GeneratorConfig(_Strict):
@@ -108,15 +141,28 @@ class GeneratorConfig(_Strict):
     """
 
     model: str = "default"
+    """The causal LM: `default` (SmolLM2-135M-Instruct, offline), `tiny-random`, a `*.gguf` file, a
+    Hugging Face directory or a hub name."""
     tiny_spec: TinyGeneratorSpec = TinyGeneratorSpec()
+    """Shape of the `tiny-random` model (tests only)."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Frozen base in `4bit` (NF4) or `8bit` via bitsandbytes (QLoRA), or `none`."""
     lora: LoraConfig = LoraConfig()
+    """The generator's LoRA adapter (what RALT trains and federation ships)."""
     max_length: int = Field(256, ge=16)
+    """Prompt plus answer budget in tokens; passages are cut to fit, lowest-ranked first."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the frozen base weights (LoRA trains in float32); `float16` is refused."""
     autocast: Literal["auto", "bfloat16", "none"] = "auto"
+    """Compute dtype: `auto` = bf16 where the device runs it fast (CUDA, AMX, AVX512-BF16), else
+    fp32."""
     chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template when it has one."""
     frozen_in_compute_dtype: bool = True
+    """Under bf16 autocast, store frozen `Linear` weights in bf16 (bit-identical results, half the
+    memory)."""
     share_frozen_weights: bool = True
+    """Map the frozen CPU weights from one cache file shared by every actor of a node."""
 
     @model_validator(mode="after")
     def _no_float16(self) -> GeneratorConfig:
@@ -139,15 +185,27 @@ class KnowledgeStoreConfig(_Strict):
     slot)."""
 
     index: Literal["flat", "ivf", "ivfpq", "hnsw"] = "flat"
+    """FAISS index type: `flat` (exact), `ivf`, `ivfpq` (compressed) or `hnsw`."""
     n_shards: int = Field(1, ge=1)
+    """Number of shards the global index is split into."""
     nlist: int = Field(64, ge=1)
+    """IVF lists (clusters) for `ivf` / `ivfpq`."""
     nprobe: int = Field(8, ge=1)
+    """IVF lists searched per query (a search setting; may change freely)."""
     hnsw_m: int = Field(32, ge=4)
+    """HNSW graph degree."""
     pq_m: int = Field(48, ge=1)
+    """Bytes per passage of the `ivfpq` product quantizer."""
     device: Literal["cpu", "gpu"] = "cpu"
+    """Search on `cpu` or `gpu` (faiss-gpu)."""
     path: str | None = None
+    """Directory of a saved store, reused if it matches (else built and saved there); unset: built
+    in memory (federated: under the run)."""
     serve: Literal["local", "actors"] = "local"
+    """`local`: every searching process loads the store; `actors`: one Ray actor per shard serves
+    it."""
     serve_cpus: float = Field(0.0, ge=0.0)
+    """Ray CPUs each shard actor reserves (0: they never take a client's slot)."""
 
 
 class FederatedRetrievalConfig(_Strict):
@@ -156,7 +214,9 @@ class FederatedRetrievalConfig(_Strict):
     or by reciprocal-rank fusion (``rrf``, 1 / (``rrf_k`` + rank))."""
 
     merge: Literal["score", "rrf"] = "rrf"
+    """How clients' top-k lists are merged: `rrf` (reciprocal-rank fusion) or `score`."""
     rrf_k: int = Field(60, ge=1)
+    """The k of reciprocal-rank fusion, 1 / (k + rank)."""
 
 
 class RagConfig(_Strict):
@@ -167,10 +227,15 @@ class RagConfig(_Strict):
     passage per prompt; free-form generation uses the top ``generate_passages``."""
 
     top_k: int = Field(5, ge=1)
+    """Passages retrieved per question."""
     prompt_template: str = "context: {passage}\nquestion: {question}\nanswer:"
+    """Prompt with `{passage}` and `{question}` placeholders."""
     max_new_tokens: int = Field(32, ge=1)
+    """Generation length limit for free-text answers."""
     label_options: list[str] = ["yes", "no", "maybe"]
+    """Answer options scored for `data.answer: label`."""
     generate_passages: int = Field(1, ge=1)
+    """Top passages put into one prompt for free-form generation."""
 
     @model_validator(mode="after")
     def _template_has_fields(self) -> RagConfig:
@@ -195,67 +260,105 @@ class LsrConfig(_Strict):
     (``benchmarks/lsr_context_lm.py``): the prior slows the teacher, it cannot vet it."""
 
     tau: float = Field(0.1, gt=0.0)
+    """Temperature of the retriever's distribution softmax(q·d / tau)."""
     beta: float = Field(1.0, gt=0.0)
+    """Temperature of the LM teacher, P(a|q,d)^(1/beta)."""
     k: int = Field(5, ge=2)
+    """Passages the LSR distributions are taken over."""
     target: Literal["posterior", "lm"] = "posterior"
+    """Teacher: `posterior` p_R·P(a|q,d)^(1/beta) (default) or REPLUG's `lm` (uniform prior)."""
 
 
 class RaltConfig(_Strict):
     k: int = Field(3, ge=1)
+    """Retrieved passages per question in RALT; each makes its own training example."""
 
 
 class TrainConfig(_Strict):
     method: Literal["ralt", "lsr", "both"] = "ralt"
+    """What trains: `ralt` (generator), `lsr` (retriever) or `both` (RA-DIT)."""
     both_mode: Literal["alternate", "combined"] = "alternate"
+    """With `both`: `alternate` RALT/LSR on the global step, or `combined` (sum of both losses each
+    step)."""
     epochs: int = Field(1, ge=1)
+    """Passes over the training questions (centralized runs; federated:
+    `local_epochs`/`local_steps`)."""
     max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps; unset: `epochs` decide."""
     batch_size: int = Field(4, ge=1)
+    """Questions per optimizer step."""
     lr: float = Field(1e-3, gt=0.0)
+    """Learning rate of the generator's LoRA."""
     retriever_lr: float = Field(2e-5, gt=0.0)
+    """Learning rate of the query encoder."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
     grad_clip: float = Field(1.0, gt=0.0)
+    """Gradient-norm clip per step."""
     # Learning-rate schedule over the run's global steps (a federated run's are
     # rounds x local steps): linear warmup, then constant / linear / cosine decay.
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """After warmup: `constant`, `linear` or `cosine` decay over the run's global steps."""
     warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps."""
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Final learning rate as a share of `lr` for `linear` / `cosine`."""
     lsr: LsrConfig = LsrConfig()
+    """LSR (retriever training) settings."""
     ralt: RaltConfig = RaltConfig()
+    """RALT (generator training) settings."""
     # start from an earlier run's trained arrays: a run directory or its
     # trainable_state.npz; arrays whose names this method trains are loaded, the rest
     # are applied too when the system holds them (e.g. LSR reading a RALT run's
     # generator LoRA, so its teacher reads context: RA-DIT's two stages)
     init_from: str | None = None
+    """Start from an earlier run's trained arrays (a run directory or its
+    `trainable_state.npz`), e.g. RA-DIT's second stage."""
 
 
 class EvalConfig(_Strict):
     k_values: list[int] = [1, 5]
+    """The k of recall@k reported."""
     max_questions: int | None = Field(None, ge=1)
+    """Cap on evaluated questions; unset: all held-out questions."""
     generate: bool = True
+    """Score answers (labels or generated text); off: retrieval metrics only."""
     # also score the same questions with no passage (closed_book_* metrics)
     closed_book: bool = True
+    """Also score the same questions with no passage (`closed_book_*` metrics)."""
     # centralized runs: evaluate before training too (off when the zero-shot figures
     # are measured once elsewhere, e.g. by a benchmark that compares many runs)
     before: bool = True
+    """Centralized runs: evaluate before training too."""
     # every metric gets a percentile bootstrap interval over the questions, and
     # before/after a paired one (fedrag_ray.stats); seeded, so reruns agree
     bootstrap_samples: int = Field(2000, ge=100)
+    """Bootstrap resamples for each metric's interval and the paired before/after gain."""
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    """Confidence level of the bootstrap intervals."""
     bootstrap_seed: int = 0
+    """Seed of the bootstrap resampling (reruns give the same intervals)."""
 
 
 class PartitionConfig(_Strict):
     type: Literal["iid", "dirichlet", "field"] = "iid"
+    """How training questions split across clients: `iid`, `dirichlet` (label skew) or by `field`.
+    How training questions split across clients: `iid`, `dirichlet` (label skew) or by `field`."""
     alpha: float = Field(0.5, gt=0.0)
+    """Dirichlet concentration for `dirichlet` (smaller: more skew)."""
     field: str = "label"
+    """Field that drives `dirichlet` / `field` partitions (e.g. `label`, `year`, `mesh`)."""
 
 
 class ClientResources(_Strict):
     """Ray resources per client actor; fractional GPUs pack several actors on one GPU."""
 
     num_cpus: float = Field(1.0, gt=0.0)
+    """Ray CPUs per client actor."""
     num_gpus: float = Field(0.0, ge=0.0)
+    """Ray GPUs per client actor (fractions pack several actors on one GPU)."""
     custom: dict[str, float] = {}
+    """Custom Ray resources each client actor requires."""
 
 
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
@@ -278,15 +381,25 @@ class StrategyConfig(_Strict):
         "multikrum",
         "bulyan",
     ] = "fedavg"
+    """Flower strategy aggregating the clients' updates."""
     proximal_mu: float = Field(0.0, ge=0.0)
+    """FedProx proximal term weight."""
     eta: float = Field(1e-2, gt=0.0)
+    """Server learning rate of FedAdam / FedYogi / FedAdagrad."""
     eta_l: float = Field(1e-2, gt=0.0)
+    """Client learning rate the adaptive strategies assume."""
     beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    """First-moment decay of FedAdam / FedYogi."""
     beta_2: float = Field(0.99, ge=0.0, lt=1.0)
+    """Second-moment decay of FedAdam / FedYogi."""
     tau: float = Field(1e-3, gt=0.0)
+    """Adaptivity (epsilon) of the adaptive strategies."""
     trim_beta: float = Field(0.2, ge=0.0, lt=0.5)
+    """Share cut from each end by `fedtrimmedavg`."""
     num_malicious_nodes: int = Field(0, ge=0)
+    """Malicious clients `krum` / `multikrum` / `bulyan` tolerate."""
     num_nodes_to_select: int = Field(1, ge=1)
+    """Clients `multikrum` / `bulyan` keep."""
 
 
 class SecAggConfig(_Strict):
@@ -299,12 +412,19 @@ class SecAggConfig(_Strict):
     the quantisation error small."""
 
     enabled: bool = False
+    """Use Flower's SecAgg+: the server learns only the sum of updates."""
     num_shares: float = Field(1.0, gt=0.0)
+    """Shares per secret: an int, or a float share of the sampled clients."""
     reconstruction_threshold: float = Field(0.66, gt=0.0)
+    """Shares needed to unmask: an int, or a float share of `num_shares`."""
     clipping_range: float = Field(1.0, gt=0.0)
+    """Each update entry is clipped to ±this before quantisation."""
     quantization_range: int = Field(2**22, ge=2)
+    """Quantisation levels of a clipped update entry."""
     modulus_range: int = Field(2**32, ge=4)
+    """Modulus of the masked arithmetic."""
     max_weight: float | None = Field(None, gt=0.0)  # None: derived, see secagg.max_weight
+    """Upper bound of a client's weight (SecAgg+ scales by weight / max_weight); unset: derived."""
 
 
 class PrivacyConfig(_Strict):
@@ -321,18 +441,31 @@ class PrivacyConfig(_Strict):
     """
 
     mode: Literal["none", "central", "local"] = "none"
+    """Differential privacy: `none`, `central` (server adds noise) or `local` (each client does)."""
     clipping: Literal["server", "client"] = "server"
+    """Who clips updates under central DP: the `server` or the `client` (a Flower mod)."""
     adaptive: bool = False
+    """Adapt the clipping norm to a quantile of update norms (Andrew et al.)."""
     clipping_norm: float = Field(1.0, gt=0.0)
+    """L2 norm each update is clipped to (the initial norm when adaptive)."""
     noise_multiplier: float | None = Field(None, gt=0.0)
+    """Noise std / clipping norm; give this or `target_epsilon` under central DP."""
     target_epsilon: float | None = Field(None, gt=0.0)
+    """Epsilon to spend over `federation.rounds`; the noise multiplier is derived."""
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    """The delta of (epsilon, delta)-DP reported by the accountant."""
     target_clipped_quantile: float = Field(0.5, ge=0.0, le=1.0)
+    """Adaptive clipping: the quantile of update norms the norm tracks."""
     clip_norm_lr: float = Field(0.2, gt=0.0)
+    """Adaptive clipping: learning rate of the norm."""
     clipped_count_stddev: float | None = Field(None, gt=0.0)
+    """Adaptive clipping: noise on the clipped count; unset: Flower's default."""
     local_epsilon: float = Field(1.0, gt=0.0)
+    """Local DP: epsilon each client spends per round."""
     noise_seed: int | None = None
+    """Seed of the DP noise, for reproducible experiments only (a known seed undoes it)."""
     secagg: SecAggConfig = SecAggConfig()
+    """Secure aggregation (SecAgg+), with or without DP."""
 
     @model_validator(mode="after")
     def _noise_given_once(self) -> PrivacyConfig:
@@ -354,6 +487,7 @@ class ValidationConfig(_Strict):
     (reply minus global). A failing reply is dropped for the round with its reason."""
 
     max_update_norm: float | None = Field(None, gt=0.0)
+    """Drop a reply whose update (reply minus global) has a larger L2 norm; unset: no bound."""
 
 
 class FederationConfig(_Strict):
@@ -362,23 +496,41 @@ class FederationConfig(_Strict):
     measuring the engine's own cost per client task (benchmarks/simulation_scale.py)."""
 
     num_clients: int = Field(8, ge=1)
+    """Registered (virtual) clients the training questions are partitioned across."""
     clients_per_round: int | None = Field(None, ge=1)
+    """Clients sampled per round (seeded by the round); unset: all."""
     rounds: int = Field(3, ge=1)
+    """Federated rounds."""
     local_steps: int | None = Field(None, ge=1)
+    """Optimizer steps per client per round; unset: `local_epochs` decide."""
     local_epochs: int = Field(1, ge=1)
+    """Passes over a client's questions per round when `local_steps` is unset."""
     client_step: Literal["train", "noop"] = "train"
+    """`train` (the real local step) or `noop` (reply unchanged, for engine benchmarks)."""
     strategy: StrategyConfig = StrategyConfig()
+    """The Flower aggregation strategy."""
     partition: PartitionConfig = PartitionConfig()
+    """How questions are split across clients."""
     knowledge: Literal["global", "private", "both"] = "global"
+    """Retrieval corpus per client: the `global` index, a `private` shard, or `both`."""
     client_resources: ClientResources = ClientResources()
+    """Ray resources per client actor."""
     num_actors: int | None = Field(None, ge=1)
+    """Client actors to start; unset: as many as resources allow, at most the clients per round."""
     eval_every: int = Field(1, ge=1)
+    """Server-side evaluation every N rounds (and after the last)."""
     min_successes: int | None = Field(None, ge=1)
+    """Fewest successful clients for a round to update the model; unset: one."""
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    """Seconds a round waits for replies before counting the rest as failed."""
     shard_dir: str | None = None
+    """Directory of the private shards and public store; unset: under the run."""
     retrieval: FederatedRetrievalConfig = FederatedRetrievalConfig()
+    """Federated retrieval at inference (`ask` / `eval --federated`)."""
     privacy: PrivacyConfig = PrivacyConfig()
+    """Differential privacy and secure aggregation."""
     validation: ValidationConfig = ValidationConfig()
+    """Checks on client replies before aggregation."""
 
     @model_validator(mode="after")
     def _sample_fits(self) -> FederationConfig:
@@ -420,12 +572,15 @@ class FederationConfig(_Strict):
 class SweepTrackingConfig(_Strict):
     """Where a sweep logs its trials (``tune.tracking``; Ray Tune's logger callbacks)."""
 
-    mlflow_uri: str | None = None
-    mlflow_experiment: str = "fedrag_ray"
     tensorboard: bool = False
+    """Write TensorBoard event files per trial."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI for the trials; unset: no MLflow."""
+    mlflow_experiment: str = "fedrag_ray"
+    """MLflow experiment name."""
 
 
-class TrackingConfig(SweepTrackingConfig):
+class TrackingConfig(_Strict):
     """Experiment tracking of ``train`` and ``simulate`` (sweeps: ``tune.tracking``):
     per-step / per-round metrics, the config as params and, with ``log_model``, the
     exported model as artifacts (fedrag_ray.tracking). ``mlflow_uri``: e.g.
@@ -433,28 +588,72 @@ class TrackingConfig(SweepTrackingConfig):
     ``tensorboard_dir`` (default RUN_DIR/tensorboard). ``keep_rounds``: a federated run
     also keeps every round's global arrays (RUN_DIR/rounds/) for ``export --round``."""
 
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (e.g. `file:./mlruns`); unset: no MLflow."""
+    mlflow_experiment: str = "fedrag_ray"
+    """MLflow experiment name."""
     run_name: str | None = None
+    """MLflow run name; unset: the config's `name`."""
+    tensorboard: bool = False
+    """Write TensorBoard event files."""
     tensorboard_dir: str | None = None
+    """Where event files go; unset: RUN_DIR/tensorboard."""
     log_model: bool = True
+    """Log the exported model (no store) as an MLflow artifact."""
     keep_rounds: bool = False
+    """Federated: keep every round's global arrays (RUN_DIR/rounds/) for `export --round`."""
+
+
+class ServeConfig(_Strict):
+    """``fedrag-ray serve RUN_DIR``: the fine-tuned system behind HTTP on Ray Serve.
+    ``num_replicas`` copies of the whole system (retriever, store, generator), each
+    reserving ``num_cpus`` Ray CPUs; ``host`` / ``port`` the HTTP proxy binds (loopback
+    by default: nothing is exposed unless asked); a question longer than
+    ``max_question_chars`` is refused with 413 before any work."""
+
+    num_replicas: int = Field(1, ge=1)
+    """Copies of the whole system (retriever, store, generator) behind the endpoint."""
+    num_cpus: float = Field(1.0, gt=0.0)
+    """Ray CPUs each replica reserves."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds (loopback by default: nothing is exposed unless asked)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port of the HTTP proxy."""
+    max_question_chars: int = Field(2000, ge=1)
+    """Longer questions are refused with HTTP 413 before any work."""
 
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
+    """Experiment name (run names, tracking)."""
     seed: int = 0
+    """Seed of training, sampling and partitions."""
     # Where models run: ``auto`` = the GPU this process was given (Ray sets
     # CUDA_VISIBLE_DEVICES from client_resources.num_gpus), else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` (the GPU Ray gave this process, else CPU), `cpu` or `cuda`."""
     data: DataConfig = DataConfig()
+    """Questions, passages and the held-out split."""
     retriever: RetrieverConfig = RetrieverConfig()
+    """The bi-encoder retriever."""
     generator: GeneratorConfig = GeneratorConfig()
+    """The causal LM and its LoRA."""
     knowledge_store: KnowledgeStoreConfig = KnowledgeStoreConfig()
+    """The FAISS knowledge store."""
     rag: RagConfig = RagConfig()
+    """Retrieval depth and prompting."""
     train: TrainConfig = TrainConfig()
+    """Fine-tuning method and optimizer."""
     eval: EvalConfig = EvalConfig()
+    """Evaluation before and after training."""
     federation: FederationConfig | None = None
+    """Present: a federated simulation; absent: a centralized run."""
     tune: dict[str, Any] | None = None  # validated by fedrag_ray.tune.TuneConfig
+    """Ray Tune sweep (`fedrag-ray tune`); see the `tune` section below."""
     tracking: TrackingConfig = TrackingConfig()
+    """MLflow / TensorBoard tracking of `train` and `simulate`."""
+    serve: ServeConfig = ServeConfig()
+    """`fedrag-ray serve`: replicas, resources and the HTTP address."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -466,6 +665,8 @@ class ExperimentConfig(_Strict):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line for one problem (the usual case: the CLI prints it as is), else one line
+    per problem under a heading."""
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -476,6 +677,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             allowed = e.get("ctx", {}).get("expected", "")
             msg = f"got {e.get('input')!r}; allowed values: {allowed}"
         lines.append(f"  {path}: {msg}")
+    if len(lines) == 2:
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 
@@ -502,12 +705,21 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where (PyYAML's own text spans several lines,
+    with a caret drawing)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def load_raw(path: str | Path) -> dict[str, Any]:
     p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {p} is not valid YAML: {err}") from None
+        raise ConfigError(f"config {p} is not valid YAML ({yaml_problem(err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {p}: top level must be a mapping")
     return _resolve_relative_paths(raw, p.parent)

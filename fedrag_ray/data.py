@@ -80,22 +80,25 @@ def data_dir() -> Path:
     return Path.home() / ".cache" / "fedrag_ray" / "data"
 
 
-def resolve_data_path(path: str) -> Path:
+def resolve_data_path(path: str, field: str = "data.path") -> Path:
     """A plain path, or ``data:<relative path>`` inside :func:`data_dir`. A missing file
-    is an error that says where it was looked for and how to get it."""
+    is an error that names ``field`` (the config field the path came from), says where it
+    was looked for and how to get it."""
     if path.startswith(DATA_PREFIX):
         rel = path[len(DATA_PREFIX) :]
         p = data_dir() / rel
         if not p.exists():
             dataset = Path(rel).parts[0] if Path(rel).parts else rel
             raise DataError(
-                f"data file not found: {p} (data directory {data_dir()}, set by "
+                f"{field}: data file not found: {p} (data directory {data_dir()}, set by "
                 f"${DATA_DIR_ENV}; get the dataset with `fedrag-ray data download {dataset}`)"
             )
         return p
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"data file not found: {p}")
+        raise DataError(f"{field}: data file not found: {p}")
+    if not p.is_file():
+        raise DataError(f"{field}: {p} is a directory, not a data file")
     return p
 
 
@@ -313,6 +316,13 @@ def _field(row: dict[str, Any], key: str, where: str, required: bool = True) -> 
     return value
 
 
+def _metadata(row: dict[str, Any], where: str) -> dict[str, Any]:
+    value = row.get("metadata") or {}
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: field 'metadata' must be an object")
+    return dict(value)
+
+
 def load_qa_rows(path: str | Path) -> list[QAExample]:
     """Rows {id?, question, answer, gold_ids?: [doc ids], label?, metadata?}."""
     path = Path(path)
@@ -336,7 +346,7 @@ def load_qa_rows(path: str | Path) -> list[QAExample]:
                 answer=str(answer),
                 gold_doc_ids=[str(g) for g in gold],
                 label=label,
-                metadata=dict(row.get("metadata") or {}),
+                metadata=_metadata(row, where),
             )
         )
     if not out:
@@ -357,7 +367,7 @@ def load_corpus_rows(path: str | Path) -> list[Passage]:
                 id=pid,
                 text=text,
                 doc_id=str(row.get("doc_id") or pid),
-                metadata=dict(row.get("metadata") or {}),
+                metadata=_metadata(row, where),
             )
         )
     if not out:
@@ -366,6 +376,23 @@ def load_corpus_rows(path: str | Path) -> list[Passage]:
 
 
 # --------------------------------------------------------------------------- dataset
+
+
+def check_gold_ids(
+    examples: Sequence[QAExample], passages: Sequence[Passage], qa_file: str, corpus: str
+) -> None:
+    """Refuse questions whose ``gold_ids`` name no ``doc_id`` of the corpus: retrieval
+    could never hit them, and recall would read 0 for a typo in the data (ids are
+    compared as strings: 7 and "7" match, "doc7" and "7" do not)."""
+    doc_ids = {p.doc_id for p in passages}
+    bad = [e for e in examples if e.gold_doc_ids and not doc_ids & set(e.gold_doc_ids)]
+    if bad:
+        first = bad[0]
+        raise DataError(
+            f"{qa_file}: {len(bad)} of {len(examples)} questions have gold_ids that match no "
+            f"doc_id of data.corpus {corpus} (first: question id {first.id!r}, gold_ids "
+            f"{first.gold_doc_ids[:3]}; corpus doc_ids look like {sorted(doc_ids)[:2]})"
+        )
 
 
 def split_train_eval(
@@ -408,7 +435,9 @@ def load_dataset_from_config(cfg: DataConfig) -> RagDataset:
     if cfg.format == "pubmedqa":
         examples, passages = load_pubmedqa(resolve_data_path(cfg.path))
         if cfg.eval_path:
-            eval_examples, eval_passages = load_pubmedqa(resolve_data_path(cfg.eval_path))
+            eval_examples, eval_passages = load_pubmedqa(
+                resolve_data_path(cfg.eval_path, "data.eval_path")
+            )
             train, held = examples, eval_examples
             known = {p.id for p in passages}
             passages += [p for p in eval_passages if p.id not in known]
@@ -421,9 +450,12 @@ def load_dataset_from_config(cfg: DataConfig) -> RagDataset:
         if not cfg.corpus:
             raise DataError("data.corpus is required for data.format 'qa_jsonl'")
         examples = load_qa_rows(resolve_data_path(cfg.path))
-        passages = load_corpus_rows(resolve_data_path(cfg.corpus))
+        passages = load_corpus_rows(resolve_data_path(cfg.corpus, "data.corpus"))
+        check_gold_ids(examples, passages, cfg.path, cfg.corpus)
         if cfg.eval_path:
-            train, held = examples, load_qa_rows(resolve_data_path(cfg.eval_path))
+            held = load_qa_rows(resolve_data_path(cfg.eval_path, "data.eval_path"))
+            check_gold_ids(held, passages, cfg.eval_path, cfg.corpus)
+            train = examples
         else:
             train, held = split_train_eval(examples, cfg.eval_fraction, cfg.split_seed)
     if cfg.max_train:

@@ -24,6 +24,7 @@ import torch
 
 from fedrag_ray.data import QAExample
 from fedrag_ray.knowledge_store import KnowledgeStore
+from fedrag_ray.progress import ProgressFn, report
 from fedrag_ray.rag import RAGSystem
 from fedrag_ray.stats import with_intervals
 
@@ -133,6 +134,8 @@ def label_predictions(
     weights: list[np.ndarray] | None,
     options: list[str],
     chunk_tokens: int = 1024,
+    progress: ProgressFn | None = None,
+    stage: str = "scoring labels",
 ) -> list[str]:
     """argmax over options of sum_d w_d P_LM(option | d, q) (REPLUG); closed-book if no
     passages. One forward per (question, passage) prompt: ``Generator.option_logprobs``
@@ -152,11 +155,13 @@ def label_predictions(
     # 2 CPU threads: 4 vs 16 prompts of 256 tokens, same seconds, +0.14 vs +0.31 GB peak).
     lengths = [system.generator.count_tokens(prompts[i]) + reserve for i in order]
     s = 0
+    report(progress, stage, 0, len(order))  # prompts: one per (question, passage)
     while s < len(order):
         rows = max(1, chunk_tokens // max(1, lengths[s]))
         idx = order[s : s + rows]
         logp[idx] = system.generator.option_logprobs([prompts[i] for i in idx], options).numpy()
         s += rows
+        report(progress, stage, min(s, len(order)), len(order))
     owner_arr = np.asarray(owner)
     return [
         _ensemble_argmax(
@@ -224,9 +229,12 @@ def evaluate(
     store: KnowledgeStore | None = None,
     closed_book: bool = False,
     generate: bool = True,
+    progress: ProgressFn | None = None,
 ) -> dict[str, float]:
-    """Retrieval and answer metrics of ``system`` on ``examples`` (with interval bounds)."""
-    return evaluate_detailed(system, examples, store, closed_book, generate).metrics
+    """Retrieval and answer metrics of ``system`` on ``examples`` (with interval bounds);
+    ``progress(stage, done, total)`` after each batch of prompts (a long evaluation
+    shows a moving count)."""
+    return evaluate_detailed(system, examples, store, closed_book, generate, progress).metrics
 
 
 def evaluate_detailed(
@@ -235,6 +243,7 @@ def evaluate_detailed(
     store: KnowledgeStore | None = None,
     closed_book: bool = False,
     generate: bool = True,
+    progress: ProgressFn | None = None,
 ) -> Evaluation:
     """:func:`evaluate` with the per-question scores kept (paired comparisons need them)."""
     cfg = system.cfg
@@ -258,11 +267,11 @@ def evaluate_detailed(
         if closed_book
         else retrieval_weights(scores[:, :top_k], idx[:, :top_k], cfg.train.lsr.tau)
     )
-    answers, predictions = _answer_scores(system, examples, ctx_texts, weights, generate)
+    answers, predictions = _answer_scores(system, examples, ctx_texts, weights, generate, progress)
     per_q.update(answers)
     if not closed_book and cfg.eval.closed_book:
         # The same questions with no passage: does retrieval matter? (no second search)
-        cb, _ = _answer_scores(system, examples, None, None, generate)
+        cb, _ = _answer_scores(system, examples, None, None, generate, progress, "closed-book ")
         per_q.update({f"closed_book_{k}": v for k, v in cb.items()})
     metrics: dict[str, float] = {"n": float(len(examples))}
     metrics.update({k: _nanmean(v) for k, v in per_q.items()})
@@ -287,6 +296,8 @@ def _answer_scores(
     ctx_texts: list[list[str]] | None,
     weights: list[np.ndarray] | None,
     generate: bool,
+    progress: ProgressFn | None = None,
+    prefix: str = "",
 ) -> tuple[dict[str, list[float]], list[str]]:
     """Per-question label accuracy (REPLUG ensemble; NaN for unlabelled questions) and
     generated-answer EM / F1 / ROUGE-L, with the given passages per question, or
@@ -297,7 +308,15 @@ def _answer_scores(
     outs: list[str] = []
     labelled = [e for e in examples if e.label is not None]
     if labelled and cfg.data.answer == "label":
-        preds = label_predictions(system, questions, ctx_texts, weights, cfg.rag.label_options)
+        preds = label_predictions(
+            system,
+            questions,
+            ctx_texts,
+            weights,
+            cfg.rag.label_options,
+            progress=progress,
+            stage=f"{prefix}scoring labels",
+        )
         out["accuracy"] = [
             float(p == e.label) if e.label is not None else float("nan")
             for p, e in zip(preds, examples, strict=True)
@@ -309,7 +328,10 @@ def _answer_scores(
             system.prompt(q, None if ctx_texts is None else ctx_texts[i][:n_ctx], reserve)
             for i, q in enumerate(questions)
         ]
-        outs = [first_line(o) for o in system.generator.generate(prompts, reserve)]
+        generated = system.generator.generate(
+            prompts, reserve, progress=progress, stage=f"{prefix}generating answers"
+        )
+        outs = [first_line(o) for o in generated]
         golds = [gold_answers(e) for e in examples]
         out["exact_match"] = [
             best_over_answers(exact_match, o, g) for o, g in zip(outs, golds, strict=True)

@@ -40,6 +40,7 @@ from fedrag_ray.models import (  # noqa: F401 - re-exported for existing imports
     resolve_generator_path,
 )
 from fedrag_ray.peft_import import import_peft
+from fedrag_ray.progress import ProgressFn, report
 from fedrag_ray.runtime import drop_file_pages, file_mappings, torch_seeded
 from fedrag_ray.shared_weights import share_frozen_weights
 
@@ -478,8 +479,16 @@ class Generator:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-        """Greedy decoding in batches of left-padded prompts of similar length."""
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        batch_size: int = 16,
+        progress: ProgressFn | None = None,
+        stage: str = "generating answers",
+    ) -> list[str]:
+        """Greedy decoding in batches of left-padded prompts of similar length;
+        ``progress(stage, done, total)`` after each batch."""
         from transformers import GenerationConfig
 
         self.model.eval()
@@ -494,6 +503,7 @@ class Generator:
             pad_token_id=pad,
         )
         outs: dict[int, str] = {}
+        report(progress, stage, 0, len(order))
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
             ids, mask, _ = self._left_pad([enc[i] for i in chunk])
@@ -507,6 +517,7 @@ class Generator:
             self.token_counts["generated"] += int((new != pad).sum())
             for r, i in enumerate(chunk):
                 outs[i] = self.tokenizer.decode(new[r], skip_special_tokens=True).strip()
+            report(progress, stage, len(outs), len(order))
         return [outs[i] for i in range(len(prompts))]
 
 

@@ -18,6 +18,7 @@ from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.data import Passage
 from fedrag_ray.generator import Generator
 from fedrag_ray.knowledge_store import KnowledgeStore
+from fedrag_ray.progress import ProgressFn
 from fedrag_ray.retriever import BiEncoderRetriever
 
 
@@ -51,7 +52,11 @@ class RAGSystem:
 
     # ------------------------------------------------------------------ knowledge
 
-    def build_store(self, passages: list[Passage], show_progress: bool = False) -> KnowledgeStore:
+    def build_store(
+        self, passages: list[Passage], show_progress: bool | ProgressFn = False
+    ) -> KnowledgeStore:
+        """Embed ``passages`` and index them; ``show_progress``: a tqdm bar (True) or a
+        ``progress(stage, done, total)`` callback per batch."""
         from fedrag_ray.provenance import store_provenance
 
         ks = self.cfg.knowledge_store
@@ -123,6 +128,7 @@ class RAGSystem:
         """Tokens to keep free for ``answer`` (and its end-of-turn) when fitting a prompt."""
         return min(self.generator.count_tokens(answer) + 2, self.cfg.generator.max_length // 2)
 
+    @torch.no_grad()
     def answer(self, question: str, k: int | None = None) -> RagAnswer:
         """Retrieve → prompt (the top ``rag.generate_passages`` within the length budget)
         → greedy generation; returns the passages that were actually in the prompt."""

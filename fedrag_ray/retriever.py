@@ -22,6 +22,7 @@ import torch
 
 from fedrag_ray.config import RetrieverConfig
 from fedrag_ray.models import minilm_path
+from fedrag_ray.progress import ProgressFn
 from fedrag_ray.runtime import torch_seeded
 from fedrag_ray.text_encoder import TextEncoder
 
@@ -80,7 +81,9 @@ class BiEncoderRetriever:
     def trains(self) -> bool:
         return self.cfg.train != "none"
 
-    def encode_passages(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+    def encode_passages(
+        self, texts: list[str], show_progress: bool | ProgressFn = False
+    ) -> np.ndarray:
         enc = self.passage_encoder
         with enc.adapter_disabled():  # a no-op unless LoRA sits on the shared base
             return enc.encode(texts, self.cfg.batch_size, show_progress)

@@ -47,23 +47,31 @@ def quiet_env() -> dict[str, str]:
     }
 
 
-def configure_process(threads: int | None = None, own_process: bool = True) -> None:
-    """Quiet, offline-friendly defaults. ``threads`` caps torch's intra-op pool: one per
-    Ray client slot, so N actors on N cores do not oversubscribe. Without ``--verbose``
-    (FEDRAG_RAY_VERBOSE) the libraries' deprecation notices and per-load progress bars
-    (one "Loading weights" bar per actor and model) stay off the console.
-    ``own_process``: a process fedrag_ray owns (a Ray actor, a trial) also gets
-    process-wide warning filters; a caller's process (a run started from a notebook or a
-    test) does not: there the run scopes them itself (:func:`quiet_warnings`)."""
+def quiet_this_process(warning_filters: bool = True) -> None:
+    """The environment switches and (``warning_filters``) warning filters of
+    :func:`configure_process`, without importing anything: the CLI calls it first, since
+    tqdm, huggingface_hub and transformers read their switches once, when first imported."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if not verbose():
         for key, value in quiet_env().items():
             os.environ.setdefault(key, value)
-        if own_process:
+        if warning_filters:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def configure_process(threads: int | None = None, own_process: bool = True) -> None:
+    """Quiet, offline-friendly defaults. ``threads`` caps torch's intra-op pool: one per
+    Ray client slot, so N actors on N cores do not oversubscribe. Without ``--verbose``
+    (FEDRAG_RAY_VERBOSE) the libraries' deprecation notices and per-load progress bars
+    (one "Loading weights" bar per actor and model) stay off the console.
+    ``own_process``: a process fedrag_ray owns (a Ray actor, a trial, the CLI) also gets
+    process-wide warning filters; a caller's process (a run started from a notebook or a
+    test) does not: there the run scopes them itself (:func:`quiet_warnings`)."""
+    quiet_this_process(warning_filters=own_process)
+    if not verbose():
         logging.getLogger("flwr").setLevel(logging.ERROR)
         try:
             import transformers

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
+from fedrag_ray.progress import ProgressFn, report
+
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "lasttoken")
 # sentence-transformers < 6 wrote one boolean per mode instead of ``pooling_mode``.
 LEGACY_POOLING_KEYS = {
@@ -192,13 +194,19 @@ class TextEncoder(torch.nn.Module):
         return F.normalize(out, dim=-1)
 
     @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int, progress: bool = False) -> np.ndarray:
-        """Inference in batches of similar length (less padding), in the input order."""
+    def encode(
+        self, texts: list[str], batch_size: int, progress: bool | ProgressFn = False
+    ) -> np.ndarray:
+        """Inference in batches of similar length (less padding), in the input order.
+        ``progress``: True for a tqdm bar, or a ``progress(stage, done, total)`` callback
+        called with the texts encoded so far."""
         self.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         starts = range(0, len(texts), batch_size)
-        if progress:
+        if callable(progress):
+            report(progress, "embedding passages", 0, len(texts))
+        elif progress:
             from tqdm.auto import tqdm
 
             # asked for: overrides the quiet mode's TQDM_DISABLE (runtime.quiet_env)
@@ -206,6 +214,8 @@ class TextEncoder(torch.nn.Module):
         for s in starts:
             idx = order[s : s + batch_size]
             out[idx] = self.forward([texts[i] for i in idx]).float().cpu().numpy()
+            if callable(progress):
+                report(progress, "embedding passages", min(s + batch_size, len(texts)), len(texts))
         return out
 
     @property

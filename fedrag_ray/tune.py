@@ -38,28 +38,45 @@ from fedrag_ray.config import (
 
 class Dimension(StrictModel):
     type: Literal["choice", "grid", "uniform", "loguniform", "randint"]
+    """Sampling of this dimension: `choice`, `grid`, `uniform`, `loguniform` or `randint`."""
     values: list[Any] | None = None
+    """Values for `choice` / `grid`."""
     low: float | None = None
+    """Lower bound for `uniform` / `loguniform` / `randint`."""
     high: float | None = None
+    """Upper bound for `uniform` / `loguniform` / `randint`."""
 
 
 class SchedulerConfig(StrictModel):
     name: Literal["asha", "fifo"] = "asha"
+    """Trial scheduler: `asha` (early stopping by round) or `fifo`."""
     grace_period: int = Field(1, ge=1)
+    """Rounds a trial runs before ASHA may stop it."""
     reduction_factor: float = Field(2.0, gt=1.0)
+    """ASHA's halving rate."""
 
 
 class TuneConfig(StrictModel):
     metric: str = "accuracy"
+    """Reported metric the sweep ranks trials by (e.g. `accuracy`, `recall@5`, `train_loss`)."""
     mode: Literal["max", "min"] = "max"
+    """Whether `max` or `min` of the metric is best."""
     space: dict[str, Dimension]
+    """Dotted config keys (e.g. `train.lr`) mapped to their search dimension."""
     search_alg: Literal["random", "grid"] = "random"
+    """`random` sampling or a full `grid`."""
     num_samples: int = Field(1, ge=1)
+    """Samples drawn (random) or grid repeats."""
     scheduler: SchedulerConfig = SchedulerConfig()
+    """Trial scheduler."""
     max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials run at once; unset: as the cluster allows."""
     max_actors_per_trial: int = Field(1, ge=1)
+    """Client actors per trial (each trial's placement group)."""
     trial_driver_cpus: float = Field(1.0, gt=0.0)
+    """CPUs reserved for each trial's driver."""
     tracking: SweepTrackingConfig = SweepTrackingConfig()
+    """Per-trial tracking."""
 
 
 def parse_tune_config(raw: dict[str, Any]) -> TuneConfig:

@@ -103,6 +103,7 @@ def test_simulate_cli_default_config_8_clients_3_rounds(tmp_path, tiny_data):
     assert all(h["peak_rss_bytes"] > 0 and h["seconds"] > 0 for h in rounds)
     assert (out / "metrics_vs_round.png").stat().st_size > 1000
     assert (out / "rounds.png").stat().st_size > 1000
+    assert (out / "story.png").stat().st_size > 1000
     assert (out / "checkpoint" / "meta.json").exists()
     # a virtual client is cheap: fewer actor processes than clients served
     pids = {c["actor-pid"] for h in rounds for c in h["clients"]}
@@ -416,7 +417,7 @@ def test_server_task_moves_to_the_next_node_when_an_actor_fails():
     server.task_nodes = [11, 12, 13, 14]
     grid = Grid(failing={11})
     arrays = {"generator.w": np.zeros((2, 2), np.float32)}
-    assert server.evaluate(grid, arrays) == {"recall@5": 0.5, "n": 4.0}
+    assert server.evaluate(grid, arrays) == {"recall@5": 0.5, "n": 4.0, "per_question": {}}
     assert grid.sent == [(11, "evaluate"), (12, "evaluate")]
 
     grid = Grid(failing={11, 12, 13, 14})

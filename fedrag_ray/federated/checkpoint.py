@@ -63,6 +63,7 @@ def config_fingerprint(cfg_json: str) -> str:
     cfg["federation"] = fed
     cfg.pop("tune", None)
     cfg.pop("tracking", None)  # where a run is logged does not change the experiment
+    cfg.pop("serve", None)  # nor how its result is served
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 

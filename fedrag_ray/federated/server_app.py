@@ -80,6 +80,7 @@ from fedrag_ray.federated.sampling import ClientSampler
 from fedrag_ray.federated.secagg import max_weight, secure_round
 from fedrag_ray.federated.strategies import build_strategy, load_strategy_state, strategy_state
 from fedrag_ray.federated.validation import InvalidUpdate, check_arrays, split_valid
+from fedrag_ray.progress import ProgressFn, report
 from fedrag_ray.stats import split_per_question
 
 logger = logging.getLogger(__name__)
@@ -152,11 +153,14 @@ class FederatedServer:
         nodes: SimulationNodes | None = None,
         partitions: Sequence[Sequence[int]] | None = None,
         task: FederationTask | None = None,
+        progress: ProgressFn | None = None,
     ) -> None:
         """``nodes``: the simulation's partition ↔ node mapping, published once the engine
         registered them; ``partitions``: each client's question indices (computed once,
         on the driver, and sent to a client with its train message); ``task``: work on
-        the prepared federation instead of training rounds (federated retrieval)."""
+        the prepared federation instead of training rounds (federated retrieval);
+        ``progress``: the clients of a round that replied so far, as replies arrive."""
+        self.progress = progress
         assert cfg.federation is not None
         self.cfg = cfg
         self.fed = cfg.federation
@@ -340,7 +344,7 @@ class FederatedServer:
             outcome.extra["secagg_seconds"] = sr.seconds
         else:
             bytes_down = sum(record_nbytes(m.content[ARRAYS_KEY]) for m in messages)
-            replies = self.send_and_receive(grid, messages)
+            replies = self.send_and_receive(grid, messages, f"round {server_round}: clients")
             ok = [r for r in replies if not r.has_error()]
             failed = [r.error.reason for r in replies if r.has_error()]
             failed += ["timeout"] * (len(messages) - len(replies))
@@ -482,7 +486,9 @@ class FederatedServer:
 
     # ------------------------------------------------------------------ messaging
 
-    def send_and_receive(self, grid: Grid, messages: list[Message]) -> list[Message]:
+    def send_and_receive(
+        self, grid: Grid, messages: list[Message], stage: str | None = None
+    ) -> list[Message]:
         """Flower's ``send_and_receive``; on the in-memory grid of a simulation, pulling
         only the messages that have a reply (see ``PULL_INTERVAL_S``)."""
         timeout = self.fed.round_timeout_s
@@ -491,6 +497,8 @@ class FederatedServer:
             return list(grid.send_and_receive(messages, timeout=timeout))
         replied, lock = internals
         pending = set(grid.push_messages(messages))
+        if stage:
+            report(self.progress, stage, 0, len(messages))
         end = None if timeout is None else time.monotonic() + timeout
         full_pull_at = time.monotonic() + FULL_PULL_INTERVAL_S
         replies: list[Message] = []
@@ -504,6 +512,8 @@ class FederatedServer:
                 got = list(grid.pull_messages(ready))
                 replies.extend(got)
                 pending.difference_update(m.metadata.reply_to_message_id for m in got)
+                if stage and got:
+                    report(self.progress, stage, len(replies), len(messages))
             if pending:
                 time.sleep(PULL_INTERVAL_S)
         return replies

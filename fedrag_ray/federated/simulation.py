@@ -53,6 +53,7 @@ from fedrag_ray.federated.server_app import (
 )
 from fedrag_ray.federated.store_access import check_store_roots
 from fedrag_ray.knowledge_store import MANIFEST, KnowledgeStore, read_manifest
+from fedrag_ray.progress import ProgressFn
 from fedrag_ray.provenance import check_provenance, shard_provenance
 from fedrag_ray.runtime import configure_process, quiet_env, quiet_warnings, verbose
 from fedrag_ray.stats import paired_gains
@@ -169,8 +170,10 @@ def run_federated(
     on_phase: Callable[[str], None] | None = None,
     num_cpus: int | None = None,
     stock_backend: bool = False,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """The federated run; a ``tracking:`` section also logs it (fedrag_ray.tracking).
+    ``progress(stage, done, total)``: each round's clients as their replies arrive.
 
     ``stock_backend``: Flower 1.41's own RayBackend and message poller instead of
     fedrag_ray's (``ray_backend``), as the baseline of benchmarks/simulation_scale.py; its
@@ -190,6 +193,7 @@ def run_federated(
         on_phase=on_phase,
         num_cpus=num_cpus,
         stock_backend=stock_backend,
+        progress=progress,
     )
 
 
@@ -223,6 +227,7 @@ class FederatedSession:
         on_phase: Callable[[str], None] | None = None,
         num_cpus: int | None = None,
         stock_backend: bool = False,
+        progress: ProgressFn | None = None,
     ) -> None:
         if cfg.federation is None:
             raise ValueError("config has no federation: section; use `fedrag-ray train`")
@@ -236,6 +241,7 @@ class FederatedSession:
         self.phase = on_phase or (lambda _m: None)
         self.num_cpus = num_cpus
         self.stock_backend = stock_backend
+        self.progress = progress  # each round's clients as their replies arrive
         self.cfg_json = cfg.model_dump_json()
         self.run_id = uuid.uuid4().hex[:12]  # names this run's shard actors (index_service)
         self.served: list[Any] = []  # shard-actor services started for this run
@@ -276,6 +282,7 @@ class FederatedSession:
                 nodes=SimulationNodes(),
                 partitions=partitions,
                 task=task,
+                progress=self.progress,
             )
             t_sim = time.perf_counter()
             result = self._simulate(server, layout)
@@ -514,12 +521,13 @@ def _quality(row: dict[str, Any]) -> dict[str, float]:
 
 
 def _plots(summary: dict[str, Any], run_dir: Path) -> None:
-    from fedrag_ray.plots import metrics_vs_round
+    from fedrag_ray.plots import metrics_vs_round, run_story
 
     hist = summary["history"]
     recalls = recall_metric_names(summary["config"]["eval"]["k_values"])
-    keys = [k for k in (*recalls, "mrr", "accuracy", "f1") if k in hist[0]]
+    keys = [k for k in (*recalls, "mrr", "accuracy", "exact_match", "f1") if k in hist[0]]
     metrics_vs_round(hist, keys, run_dir / "metrics_vs_round.png", "server-side evaluation")
+    run_story(hist, run_dir / "story.png", title=str(summary.get("config", {}).get("name", "run")))
     rounds = [
         {
             **h,
