@@ -277,9 +277,30 @@ def run_row(row: Row) -> dict[str, Any]:
     res = RUNNERS[row.kind](row, cfg, run_dir)
     res["wall_s"] = time.perf_counter() - t
     atomic_write_json(run_dir / "results.json", _jsonable(res))
-    atomic_write_json(run_dir / "row.json", {"fingerprint": fingerprint, "name": row.name})
+    atomic_write_json(
+        run_dir / "row.json",
+        {"fingerprint": fingerprint, "name": row.name, "command": _command()},
+    )
     print(f"[{row.name}] done in {res['wall_s']:.0f}s: {_brief(res)}", flush=True)
     return json.loads((run_dir / "results.json").read_text())
+
+
+def _command() -> str:
+    import sys
+
+    return " ".join(["python", *sys.argv])
+
+
+def row_commands(done: dict[str, dict[str, Any]]) -> list[str]:
+    """The commands that ran the published rows (a ``--summary-only`` publish names
+    them, not itself)."""
+    out: list[str] = []
+    for name in done:
+        meta = RUNS / name / "row.json"
+        cmd = json.loads(meta.read_text()).get("command") if meta.exists() else None
+        if cmd and cmd not in out:
+            out.append(cmd)
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -629,6 +650,7 @@ def publish(
             "comparisons": comparisons(done, args),
             "throughput": thr,
             "missing_rows": [r.name for r in rows if r.name not in done],
+            **({"command": " ; ".join(row_commands(done))} if row_commands(done) else {}),
         },
         **({"out_dir": args.out} if args.out else {}),
     )
