@@ -629,6 +629,7 @@ def publish(
                 row[k.replace("flops_per_s", "share_of_fp32_peak")] = row[k] / peak["fp32"]
     import torch
 
+    commands = row_commands(done)  # read each row.json once
     path = write_result(
         "quality_squad",
         {
@@ -650,7 +651,7 @@ def publish(
             "comparisons": comparisons(done, args),
             "throughput": thr,
             "missing_rows": [r.name for r in rows if r.name not in done],
-            **({"command": " ; ".join(row_commands(done))} if row_commands(done) else {}),
+            **({"command": " ; ".join(commands)} if commands else {}),
         },
         **({"out_dir": args.out} if args.out else {}),
     )
