@@ -97,6 +97,9 @@ def fed_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "federation.knowledge": "both",
         "federation.client_resources.num_cpus": 1,
         "federation.eval_every": args.rounds,
+        # zero_shot and ralt_s* measure the initial model and closed-book already
+        "eval.before": False,
+        "eval.closed_book": False,
     }
 
 

@@ -326,10 +326,11 @@ class EvalConfig(_Strict):
     # also score the same questions with no passage (closed_book_* metrics)
     closed_book: bool = True
     """Also score the same questions with no passage (`closed_book_*` metrics)."""
-    # centralized runs: evaluate before training too (off when the zero-shot figures
-    # are measured once elsewhere, e.g. by a benchmark that compares many runs)
+    # evaluate the initial model too (off when the zero-shot figures are measured once
+    # elsewhere, e.g. by a benchmark that compares many runs)
     before: bool = True
-    """Centralized runs: evaluate before training too."""
+    """Evaluate the initial model too (centralized: before training; federated: round 0).
+    Off when its figures are known already; the run then reports no paired gain."""
     # every metric gets a percentile bootstrap interval over the questions, and
     # before/after a paired one (fedrag_ray.stats); seeded, so reruns agree
     bootstrap_samples: int = Field(2000, ge=100)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +71,16 @@ def kept_rounds(run_dir: str | Path) -> list[int]:
 
 
 def checkpoint_arrays(run_dir: str | Path) -> tuple[int, dict[str, np.ndarray]]:
-    """(round, arrays) of the run's last complete checkpoint, read without the side
-    effects of ``checkpoint.load_checkpoint`` (it restores Python's RNG state)."""
+    """(round, arrays) of the run's last complete checkpoint (any experiment config)."""
+    from fedrag_ray.federated.checkpoint import CheckpointError, load_checkpoint
+
     path = Path(run_dir) / "checkpoint"
     if not (path / "meta.json").exists():
         raise ExportError(f"{run_dir}: no complete checkpoint ({path / 'meta.json'} missing)")
-    with open(path / "state.pkl", "rb") as f:
-        ckpt = pickle.load(f)
+    try:
+        ckpt = load_checkpoint(run_dir)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     return int(ckpt.round), dict(ckpt.arrays)
 
 

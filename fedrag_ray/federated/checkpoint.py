@@ -2,9 +2,12 @@
 
 A checkpoint holds what the next round needs and nothing that grows with the run:
 global arrays, strategy state, round and the privacy ledger, so writing one costs
-O(model + strategy state) every round. ``DIR/checkpoint/`` holds ``state.pkl`` and
-``meta.json`` and is replaced as a whole directory in one rename; a run killed
-mid-write leaves the previous round's checkpoint.
+O(model + strategy state) every round. ``DIR/checkpoint/`` holds ``state.safetensors``
+(the global arrays and the strategy's arrays, e.g. FedAdam's moments) and ``meta.json``
+(version, round, config hash, the arrays' and the strategy state's names, and ``extra``:
+the privacy ledger and the LR schedule's rounds, plain JSON). No pickle: reading a
+checkpoint runs no code from it. The directory is replaced as a whole in one rename; a
+run killed mid-write leaves the previous round's checkpoint.
 
 What grows with the run is appended instead (:class:`RunLog`): ``DIR/history.jsonl``, one
 row per round (round 0 is the initial evaluation), and ``DIR/clients.jsonl``, one row per
@@ -17,9 +20,9 @@ out), and the resumed run is the run that was started: the LR schedule keeps spa
 rounds recorded in the checkpoint (``extra["schedule_rounds"]``), so its first rounds
 train exactly as before and the added ones at the schedule's end (``min_lr_ratio``).
 
-Version 2 (issue 14): version 1 pickled the whole history, every client's metrics
-included, into every checkpoint (O(R^2 * C) bytes over a run) with Python's RNG state
-(client sampling no longer uses it, see ``sampling``).
+Version 3 (issue 30): safetensors + JSON instead of a pickle. Version 2 (issue 14) was a
+pickle of this record; version 1 also pickled the whole history. Other versions are
+refused with an error naming the version found and the one read.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,9 @@ import numpy as np
 
 from fedrag_ray.atomic import atomic_directory, atomic_write_bytes
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
 HISTORY_FILE = "history.jsonl"
 CLIENTS_FILE = "clients.jsonl"
 
@@ -52,6 +56,9 @@ class RoundCheckpoint:
     strategy_state: dict[str, Any]
     config_hash: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # other named arrays a round loop must keep (e.g. the model versions that
+    # asynchronous clients still train on); saved beside ``arrays``
+    aux_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def config_fingerprint(cfg_json: str) -> str:
@@ -68,35 +75,75 @@ def config_fingerprint(cfg_json: str) -> str:
 
 
 def save_checkpoint(run_dir: str | Path, ckpt: RoundCheckpoint) -> None:
+    """Arrays to ``state.safetensors`` (by position: array names go to the JSON), the
+    rest to ``meta.json``; atomically, as one directory."""
+    from safetensors.numpy import save_file
+
+    tensors = {f"arrays/{i}": _tensor(a) for i, a in enumerate(ckpt.arrays.values())}
+    tensors.update({f"aux/{i}": _tensor(a) for i, a in enumerate(ckpt.aux_arrays.values())})
+    strategy: dict[str, list[str] | None] = {}
+    for attr, value in ckpt.strategy_state.items():
+        if value is None:
+            strategy[attr] = None
+            continue
+        strategy[attr] = list(value)
+        tensors.update({f"strategy/{attr}/{i}": _tensor(a) for i, a in enumerate(value.values())})
+    meta = {
+        "version": CHECKPOINT_VERSION,
+        "round": ckpt.round,
+        "config_hash": ckpt.config_hash,
+        "arrays": list(ckpt.arrays),
+        "aux_arrays": list(ckpt.aux_arrays),
+        "strategy": strategy,
+        "extra": ckpt.extra,
+    }
     with atomic_directory(Path(run_dir) / "checkpoint") as tmp:
-        with open(tmp / "state.pkl", "wb") as f:
-            pickle.dump(ckpt, f, protocol=pickle.HIGHEST_PROTOCOL)
-        meta = {
-            "version": CHECKPOINT_VERSION,
-            "round": ckpt.round,
-            "config_hash": ckpt.config_hash,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        save_file(tensors, str(tmp / STATE_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, default=_json_default))
+
+
+def _tensor(a: np.ndarray) -> np.ndarray:
+    """C order, as safetensors writes it; a 0-d array stays 0-d (``ascontiguousarray``
+    would make it shape (1,))."""
+    return np.require(a, requirements="C")
 
 
 def load_checkpoint(run_dir: str | Path, expected_hash: str | None = None) -> RoundCheckpoint:
+    """The checkpoint in ``run_dir``; refused (:class:`CheckpointError`) when missing,
+    of another version, or written by another experiment (``expected_hash``)."""
+    from safetensors.numpy import load_file
+
     path = Path(run_dir) / "checkpoint"
-    if not (path / "meta.json").exists():
+    if not (path / META_FILE).exists():
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
-    meta = json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / META_FILE).read_text())
     if meta.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path}: checkpoint version {meta.get('version')} unsupported "
-            f"(this fedrag_ray writes and reads version {CHECKPOINT_VERSION})"
+            f"{path}: checkpoint version {meta.get('version')} unsupported (this fedrag_ray "
+            f"writes and reads version {CHECKPOINT_VERSION}, safetensors + JSON; versions "
+            "up to 2 were pickles and are not loaded): start the run afresh"
         )
     if expected_hash and meta["config_hash"] != expected_hash:
         raise CheckpointError(
             f"{path}: checkpoint was written by a different experiment config "
             "(only federation.rounds may change on resume)"
         )
-    with open(path / "state.pkl", "rb") as f:
-        ckpt: RoundCheckpoint = pickle.load(f)
-    return ckpt
+    tensors = load_file(str(path / STATE_FILE))
+    arrays = {name: tensors[f"arrays/{i}"] for i, name in enumerate(meta["arrays"])}
+    strategy = {
+        attr: None
+        if names is None
+        else {n: tensors[f"strategy/{attr}/{i}"] for i, n in enumerate(names)}
+        for attr, names in meta["strategy"].items()
+    }
+    return RoundCheckpoint(
+        round=int(meta["round"]),
+        arrays=arrays,
+        strategy_state=strategy,
+        config_hash=meta["config_hash"],
+        extra=meta.get("extra") or {},
+        aux_arrays={n: tensors[f"aux/{i}"] for i, n in enumerate(meta.get("aux_arrays", []))},
+    )
 
 
 def _json_default(value: Any) -> Any:

@@ -259,14 +259,17 @@ class FederatedServer:
         arrays: dict[str, np.ndarray],
     ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], int]:
         """(history so far, arrays, first round): the checkpoint's on resume, else the
-        initial arrays after their evaluation (round 0)."""
+        initial arrays after their evaluation (round 0; skipped with ``eval.before: false``)."""
         if ckpt is not None:
             load_strategy_state(strategy, ckpt.strategy_state)
             return log.load(ckpt.round), ckpt.arrays, ckpt.round + 1
         log.reset()
-        self.phase("evaluating the initial model")
         t = time.perf_counter()
-        row = {"round": 0, **self.evaluate(grid, arrays), "seconds": time.perf_counter() - t}
+        row: dict[str, Any] = {"round": 0}
+        if self.cfg.eval.before:  # off when the initial model's figures are known already
+            self.phase("evaluating the initial model")
+            row.update(self.evaluate(grid, arrays))
+        row["seconds"] = time.perf_counter() - t
         log.append(row)
         self.on_round(row)
         return [row], arrays, 1

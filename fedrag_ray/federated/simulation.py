@@ -525,7 +525,7 @@ def _plots(summary: dict[str, Any], run_dir: Path) -> None:
 
     hist = summary["history"]
     recalls = recall_metric_names(summary["config"]["eval"]["k_values"])
-    keys = [k for k in (*recalls, "mrr", "accuracy", "exact_match", "f1") if k in hist[0]]
+    keys = [k for k in (*recalls, "mrr", "accuracy", "exact_match", "f1") if k in hist[-1]]
     metrics_vs_round(hist, keys, run_dir / "metrics_vs_round.png", "server-side evaluation")
     run_story(hist, run_dir / "story.png", title=str(summary.get("config", {}).get("name", "run")))
     rounds = [
