@@ -161,24 +161,19 @@ def _sim_hours(row: dict[str, Any]) -> float:
     return float(row.get("sim_time") or 0.0) / 3600.0
 
 
-def sim_time_figure(
-    runs: dict[str, list[dict[str, Any]]], metric: str | None = None, title: str = "run"
-) -> Figure | None:
-    """The main metric against *simulated* time (hours, ``federated/clock.py``), one line
-    per run (e.g. per round policy), with its 95% interval where rows carry one."""
-    metric = metric or next((main_metric(r) for r in runs.values() if main_metric(r)), None)
-    if metric is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+def sim_time_panel(
+    ax: Axes, runs: dict[str, list[dict[str, Any]]], metric: str, title: str = "run"
+) -> None:
+    """``metric`` against *simulated* time (hours, ``federated/clock.py``) on ``ax``, one
+    line per run (e.g. per round policy), with its 95% interval where rows carry one."""
     values: list[float] = []
     for i, (name, rows) in enumerate(runs.items()):
         pts = [r for r in rows if r.get(metric) is not None]
         if not pts:
             continue
-        x = [_sim_hours(r) for r in pts]
         y = [float(r[metric]) for r in pts]
         values += y
-        ax.plot(x, y, marker="o", color=f"C{i}", label=name, clip_on=False, zorder=3)
+        ax.plot([_sim_hours(r) for r in pts], y, marker="o", color=f"C{i}", label=name)
         band = [r for r in pts if r.get(f"{metric}_lo") is not None]
         if band:
             ax.fill_between(
@@ -195,6 +190,17 @@ def sim_time_figure(
     ax.set_title(f"{title}: {label(metric)} against simulated time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+
+
+def sim_time_figure(
+    runs: dict[str, list[dict[str, Any]]], metric: str | None = None, title: str = "run"
+) -> Figure | None:
+    """``sim_time_panel`` of the main metric as a figure; None when no row holds it."""
+    metric = metric or next((main_metric(r) for r in runs.values() if main_metric(r)), None)
+    if metric is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    sim_time_panel(ax, runs, metric, title)
     fig.tight_layout()
     return fig
 

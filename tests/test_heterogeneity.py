@@ -414,8 +414,10 @@ FEDBUFF_ASYNC = {
     "rounds": 4,
     "clients": {
         "profiles": [
+            # a fast task ~1 s (one step, ~350 tokens); a slow one ~2.5 s (two steps): it
+            # arrives after an update or two, stale
             {"name": "fast", "share": 0.5, "tokens_per_s": 400},
-            {"name": "slow", "share": 0.5, "tokens_per_s": 60, "local_steps": 2},
+            {"name": "slow", "share": 0.5, "tokens_per_s": 300, "local_steps": 2},
         ]
     },
     "round_policy": {"type": "fedbuff", "buffer_size": 2, "staleness_exponent": 0.5},

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from flwr.app import ConfigRecord, Message
@@ -60,10 +60,34 @@ from fedrag_ray.federated.strategies import strategy_state
 from fedrag_ray.federated.validation import InvalidUpdate, check_arrays, split_valid
 
 if TYPE_CHECKING:
+    from fedrag_ray.config import FederationConfig
+    from fedrag_ray.federated.clock import SimClock
     from fedrag_ray.federated.privacy import PrivacyLedger
-    from fedrag_ray.federated.server_app import FederatedServer
 
 MAX_IDLE_HOURS = 24 * 14  # simulated hours the server waits for a client before giving up
+
+
+class FederatedServer(Protocol):
+    """What this loop uses of ``server_app.FederatedServer`` (named here, not imported:
+    the server imports this module)."""
+
+    fed: FederationConfig
+    clock: SimClock
+    run_dir: str
+    fingerprint: str
+    sim_time: float
+
+    def send_and_receive(
+        self, grid: Grid, messages: list[Message], stage: str | None = None
+    ) -> list[Message]: ...
+
+    def evaluate_round(
+        self, grid: Grid, row: dict[str, Any], arrays: dict[str, np.ndarray], server_round: int
+    ) -> None: ...
+
+    def on_round(self, row: dict[str, Any]) -> None: ...
+
+    def peak_rss(self) -> int: ...
 
 
 @dataclass
@@ -350,9 +374,7 @@ class AsyncLoop:
     def record(self, state: FedBuff, row: dict[str, Any]) -> None:
         """Log the row, checkpoint (clock, version, tasks in flight, their versions'
         arrays), report; then time the next update."""
-        from fedrag_ray.federated.server_app import process_tree_rss
-
-        row["peak_rss_bytes"] = process_tree_rss()
+        row["peak_rss_bytes"] = self.server.peak_rss()
         row["seconds"] = time.perf_counter() - state.t0
         self.history.append(row)
         self.log.append(row)  # before the checkpoint: a resume drops rows past it

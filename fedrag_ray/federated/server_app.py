@@ -273,6 +273,11 @@ class FederatedServer:
         }
         return result
 
+    @staticmethod
+    def peak_rss() -> int:
+        """The process tree's resident memory now (a round row's ``peak_rss_bytes``)."""
+        return process_tree_rss()
+
     # ------------------------------------------------------------------ before round 1
 
     def discover_nodes(self, result: ServerResult) -> ClientSampler:
