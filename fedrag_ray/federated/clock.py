@@ -159,7 +159,9 @@ class SimClock:
 
     def assignment(self) -> dict[str, Any]:
         """What ``results.json`` records: each client's tier (and day offset, if any tier
-        is daily)."""
+        is daily); without profiles only the implicit tier's name."""
+        if not self.heterogeneous:
+            return {"tiers": self.names}
         out: dict[str, Any] = {"tiers": self.names, "client_tiers": self.tier_of.tolist()}
         if any(a.type == "daily" for a in self.availability):
             out["client_offset_hours"] = np.round(self.offset_h, 4).tolist()
