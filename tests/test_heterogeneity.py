@@ -256,24 +256,30 @@ def test_bad_config_names_the_field(federation: dict, field: str) -> None:
 
 
 @pytest.mark.unit
-def test_policies_and_tiers_are_plain_config_paths_a_sweep_can_set() -> None:
-    """Tune's search spaces are dotted config paths: the new fields are set like any."""
-    from fedrag_ray.config import apply_overrides
+def test_a_sweep_over_policies_and_tier_mixes_is_checked_like_any_space() -> None:
+    """Tune's search spaces are dotted config paths: round policies and tier mixes are
+    swept like any field, and a bad first value fails naming the field before any trial."""
+    from fedrag_ray.tune import parse_tune_config
 
-    raw = {"federation": {"num_clients": 4}}
-    swept = apply_overrides(
-        raw,
-        {
-            "federation.round_policy.type": "fedbuff",
-            "federation.round_policy.buffer_size": 2,
-            "federation.clients.profiles": TWO_TIERS,
+    policies = [{"type": "fedbuff", "buffer_size": 2}, {"type": "sync"}]
+    mixes = [TWO_TIERS, [{"name": "all", "share": 1.0, "speed": 1.0}]]
+    raw = {
+        "federation": {"num_clients": 4},
+        "tune": {
+            "metric": "train_loss",
+            "mode": "min",
+            "search_alg": "grid",
+            "space": {
+                "federation.round_policy": {"type": "grid", "values": policies},
+                "federation.clients.profiles": {"type": "grid", "values": mixes},
+            },
         },
-    )
-    f = config_from_dict(swept).federation
-    assert f.round_policy.buffer_size == 2 and [p.name for p in f.clients.profiles] == [
-        "fast",
-        "slow",
-    ]
+    }
+    tc = parse_tune_config(raw)
+    assert tc.space["federation.round_policy"].values == policies
+    raw["tune"]["space"]["federation.round_policy"]["values"] = [{"type": "deadline"}]
+    with pytest.raises(ConfigError, match=r"round_policy\.deadline_s"):
+        parse_tune_config(raw)
 
 
 # --------------------------------------------------------------------------- federated
