@@ -239,9 +239,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: temp)")
     args = ap.parse_args()
     if args.smoke:
-        args.clients, args.per_round = min(args.clients, 6), min(args.per_round, 4)
+        # 10 clients: 5 fast, 4 medium, 1 slow (the fewest with every tier present)
+        args.clients, args.per_round = min(args.clients, 10), min(args.per_round, 4)
         args.rounds, args.local_steps = min(args.rounds, 2), 1
-        args.eval_questions, args.max_train = min(args.eval_questions, 12), 48
+        args.eval_questions, args.max_train = min(args.eval_questions, 12), 80
         if args.out == RESULTS:  # a smoke run's figures are no result: scratch, ignored
             args.out = SCRATCH
     if "sync" not in args.policies:
@@ -283,10 +284,12 @@ def main() -> None:
     print(f"wrote {path}")
     for r in runs:
         f = r["final"]
+        ratio = r["time_ratio_to_sync"]
+        shares = {t: round(v["examples_reached_share"], 3) for t, v in r["per_tier"].items()}
         print(
             f"{r['policy']:>15}: EM {f['exact_match']:.3f} [{f['exact_match_lo']:.3f}, "
-            f"{f['exact_match_hi']:.3f}]  sim {r['sim_time_s'] / 3600:.2f} h  to target "
-            f"{r['time_ratio_to_sync']}x sync  tiers short: {r['tiers_losing_data']}"
+            f"{f['exact_match_hi']:.3f}]  simulated {r['sim_time_s']:,.1f} s  to target: "
+            f"{'-' if ratio is None else f'{ratio:.2f}x'} sync's  examples in model: {shares}"
         )
     print(verdict)
     if args.work is None:
