@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 MAX_IDLE_HOURS = 24 * 14  # simulated hours the server waits for a client before giving up
 
 
-class FederatedServer(Protocol):
+class RoundServer(Protocol):
     """What this loop uses of ``server_app.FederatedServer`` (named here, not imported:
     the server imports this module)."""
 
@@ -131,7 +131,7 @@ class FedBuff:
 
 
 def run_fedbuff(
-    server: FederatedServer,
+    server: RoundServer,
     grid: Grid,
     sampler: ClientSampler,
     strategy: Any,
@@ -162,7 +162,7 @@ class AsyncLoop:
 
     def __init__(
         self,
-        server: FederatedServer,
+        server: RoundServer,
         grid: Grid,
         sampler: ClientSampler,
         strategy: Any,

@@ -529,15 +529,20 @@ class FederatedServer:
         return arrays, aggregated
 
     def client_rows(self, outcome: RoundOutcome) -> list[dict[str, Any]]:
-        """Each successful client's own metrics (and update norm), as it replied, with
-        its tier, simulated seconds and whether a deadline / over-selection dropped it."""
+        """Each successful client's own metrics (and update norm), as it replied; on the
+        simulated clock (profiles) with its tier, simulated seconds and whether a
+        deadline / over-selection dropped it (without profiles: the rows as they were)."""
         names, tier_of = self.clock.names, self.clock.tier_of
+        timed = self.clock.heterogeneous
         return [
             {k: v for k, v in r.content[METRICS_KEY].items() if k != WEIGHT_KEY}
             | {"num_examples": r.content[METRICS_KEY][WEIGHT_KEY]}
             | ({"update-norm": outcome.norms[pid]} if (pid := _pid(r)) in outcome.norms else {})
-            | {"tier": names[tier_of[pid]], "sim_seconds": outcome.sim.get(pid, 0.0)}
-            | {"dropped": dropped}
+            | (
+                {"tier": names[tier_of[pid]], "sim_seconds": outcome.sim[pid], "dropped": dropped}
+                if timed
+                else {}
+            )
             for rs, dropped in ((outcome.ok, False), (outcome.dropped, True))
             for r in rs
         ]
