@@ -476,3 +476,46 @@ def test_killed_fedbuff_run_resumes_bit_identically(tmp_path) -> None:
             [c[k] for k in keys] for c in hb["clients"]
         ]
     assert a["heterogeneity"]["per_tier"] == b["heterogeneity"]["per_tier"]
+
+
+@pytest.mark.unit
+def test_benchmarks_page_shows_heterogeneity_json_when_present_and_nothing_when_absent(
+    tmp_path,
+) -> None:
+    from benchmarks import report
+
+    def run(policy: str, em: float, to_target: float | None, ratio: float | None) -> dict:
+        return {
+            "policy": policy,
+            "final": {"exact_match": em, "exact_match_lo": em - 0.05, "exact_match_hi": em + 0.05},
+            "sim_time_s": 7200.0,
+            "time_to_target_s": to_target,
+            "time_ratio_to_sync": ratio,
+            "per_tier": {
+                "fast": {"examples_reached_share": 1.0},
+                "slow": {"examples_reached_share": 0.0},
+            },
+        }
+
+    doc = {
+        "benchmark": "heterogeneity",
+        "setup": {"tiers": [{"name": "fast"}, {"name": "slow"}], "clients": 16},
+        "verdict": {
+            "target_em": 0.19,
+            "target_ratio": 0.5,
+            "best_deadline_or_async_ratio": 0.4,
+            "met": True,
+        },
+        "runs": [
+            run("sync", 0.2, 3600.0, 1.0),
+            run("fedbuff", 0.25, 1440.0, 0.4),
+            run("deadline", 0.1, None, None),
+        ],
+    }
+    (tmp_path / "heterogeneity.json").write_text(json.dumps(doc))
+    page = report.render_docs(tmp_path)
+    assert "Heterogeneous clients" in page and "✔" in page
+    assert "| fedbuff | 0.250 [0.200, 0.300] | 2.00 | 0.40 | 0.40 | 1.00 | 0.00 |" in page
+    assert "| deadline | 0.100 [0.050, 0.150] | 2.00 | not reached | - |" in page
+    (tmp_path / "heterogeneity.json").unlink()
+    assert "Heterogeneous clients" not in report.render_docs(tmp_path)
