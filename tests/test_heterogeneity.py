@@ -334,11 +334,12 @@ def test_deadline_drops_the_slow_tier_and_the_tier_shares_say_so(tmp_path) -> No
 
 
 @pytest.mark.timeout(900)
-def test_unavailable_clients_never_train(tmp_path) -> None:
-    """A daily tier (on 8-20 h of each client's own day) and a probability tier (p 0.5):
-    every client that trained was available at its round's simulated start, recomputed
-    here from the recorded offsets and the seeded draws; rows say when fewer were
-    available than wanted."""
+def test_unavailable_clients_never_train_and_over_selection_keeps_the_first(tmp_path) -> None:
+    """A daily tier (on 4-22 h of each client's own day) and a probability tier (p 0.8),
+    over-selection of 100% (6 sampled for 3): every client that trained was available at
+    its round's simulated start, recomputed here from the recorded offsets and the seeded
+    draws; rows say when fewer were available than wanted; the 3 kept are the first 3 to
+    finish, the rest dropped and named."""
     from fedrag_ray.federated import run_federated
 
     profiles = [
@@ -346,17 +347,23 @@ def test_unavailable_clients_never_train(tmp_path) -> None:
             "name": "office",
             "share": 0.5,
             "speed": 1,
-            "availability": {"type": "daily", "on_hours": [8, 20]},
+            "availability": {"type": "daily", "on_hours": [4, 22]},
         },
         {
             "name": "coin",
             "share": 0.5,
-            "speed": 1,
-            "availability": {"type": "probability", "p": 0.5},
+            "speed": 0.2,
+            "availability": {"type": "probability", "p": 0.8},
         },
     ]
     raw = tiny(
-        {"num_clients": 6, "clients_per_round": 3, "rounds": 3, "clients": {"profiles": profiles}},
+        {
+            "num_clients": 6,
+            "clients_per_round": 3,
+            "rounds": 3,
+            "clients": {"profiles": profiles},
+            "round_policy": {"type": "over_selection", "over_selection": 1.0},
+        },
         seed=5,
     )
     cfg = config_from_dict(raw)
@@ -365,16 +372,30 @@ def test_unavailable_clients_never_train(tmp_path) -> None:
     het = res["heterogeneity"]
     assert het["client_tiers"] == clock.tier_of.tolist()
     np.testing.assert_allclose(het["client_offset_hours"], clock.offset_h, atol=1e-4)
-    trained = 0
+    trained = offline = cut = 0
     for h in (h for h in res["history"] if h["round"] > 0):
         on = clock.available(h["sim_time"] - h["sim_seconds"], h["round"])
         pids = [c["partition-id"] for c in h["clients"]]
         assert all(on[p] for p in pids), (h["round"], pids, on)
-        assert len(pids) == min(3, int(on.sum()))
-        if on.sum() < 3:
-            assert h["available"] == int(on.sum()) and h["wanted"] == 3
+        assert len(pids) == min(6, int(on.sum()))  # every available one was sampled
+        if on.sum() < 6:
+            assert h["available"] == int(on.sum()) and h["wanted"] == 6
+        else:
+            assert "available" not in h
+        kept = [c for c in h["clients"] if not c["dropped"]]
+        dropped = [c for c in h["clients"] if c["dropped"]]
+        assert len(kept) == min(3, len(pids)) and h["succeeded"] == len(kept)
+        order = sorted(h["clients"], key=lambda c: (c["sim_seconds"], c["partition-id"]))
+        assert {c["partition-id"] for c in order[:3]} == {c["partition-id"] for c in kept}
+        assert h["stragglers"] == [
+            {"partition-id": c["partition-id"], "tier": c["tier"]} for c in dropped
+        ]
+        if kept:
+            assert h["sim_seconds"] == max(c["sim_seconds"] for c in kept)
         trained += len(pids)
-    assert trained > 0
+        offline += 6 - int(on.sum())
+        cut += len(dropped)
+    assert trained > 0 and offline > 0 and cut > 0  # both patterns and the cut were exercised
 
 
 def _final_arrays(out) -> dict[str, np.ndarray]:
