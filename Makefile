@@ -38,9 +38,10 @@ quickstart: $(STAMP)
 	$(VENV)/bin/fedrag-ray simulate quickstart --output runs/quickstart
 
 # Two pytest workers: the federated tests spend most of their wall time waiting (Ray and
-# actor start-up, a client on one core), so a second worker fills the idle core.
+# actor start-up, a client on one core), so a second worker fills the idle core. The 25
+# slowest tests are listed at the end: where the suite's time goes, run by run.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=25
 
 # The unit lane only (no Ray, no model; tests/conftest.py sorts tests into lanes): a few
 # minutes, for checking a change before `make test`.

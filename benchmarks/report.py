@@ -604,6 +604,48 @@ def render_gpu_path(doc: Doc) -> str:
     return (f"{note}\n\n" if note else "") + table(["device", "what", "figure"], rows)
 
 
+def render_heterogeneity(doc: Doc) -> str:
+    """Round policies on the simulated clock: final EM with its interval, simulated time
+    to 95% of sync's final EM, and each tier's share of examples that reached the model."""
+    setup, verdict = doc.get("setup") or {}, doc.get("verdict") or {}
+    runs = doc.get("runs") or []
+    tiers = [t["name"] for t in setup.get("tiers") or []]
+    rows = []
+    for r in runs:
+        f = r.get("final") or {}
+        em = {
+            "mean": f.get("exact_match"),
+            "lo": f.get("exact_match_lo"),
+            "hi": f.get("exact_match_hi"),
+        }
+        to_target = r.get("time_to_target_s")
+        rows.append(
+            [
+                r.get("policy"),
+                _ci(em),
+                num((r.get("sim_time_s") or 0) / 3600),
+                "not reached" if to_target is None else num(to_target / 3600),
+                num(r.get("time_ratio_to_sync")),
+                *[
+                    num((r.get("per_tier") or {}).get(t, {}).get("examples_reached_share"))
+                    for t in tiers
+                ],
+            ]
+        )
+    head = (
+        f"{setup.get('clients')} clients ({setup.get('per_round')} per round), "
+        f"{setup.get('rounds')} rounds x {setup.get('local_steps')} local steps, generator "
+        f"{setup.get('generator')}, {setup.get('eval_questions')} evaluation questions; "
+        f"deadline {num(setup.get('deadline_s'))} s ({setup.get('deadline_from')}). "
+        f"Target: a deadline or asynchronous policy reaches 95% of sync's final EM "
+        f"({num(verdict.get('target_em'), 3)}) in <= {num(verdict.get('target_ratio'))}x "
+        f"sync's simulated time: best {num(verdict.get('best_deadline_or_async_ratio'))}x "
+        f"{mark(verdict.get('met'))}\n\n"
+    )
+    header = ["policy", "final EM [95% CI]", "simulated h", "h to target", "x sync"]
+    return head + table(header + [f"{t}: examples in model" for t in tiers], rows)
+
+
 def render_generic(doc: Doc) -> str:
     """Any other result file: its scalar fields, and a ``rows`` list of dicts as a table."""
     skip = {"benchmark", "date", "date_utc", "command", "commit", "machine", "versions"}
@@ -631,6 +673,7 @@ RENDERERS: dict[str, Callable[[Doc], str]] = {
     "privacy_robustness": render_privacy_robustness,
     "lsr_context_lm": render_lsr_context_lm,
     "gpu_path": render_gpu_path,
+    "heterogeneity": render_heterogeneity,
 }
 
 TITLES = {
@@ -648,6 +691,7 @@ TITLES = {
     "privacy_robustness": "Privacy and robustness (DP, SecAgg+, robust aggregation)",
     "lsr_context_lm": "LSR with a context-reading teacher",
     "gpu_path": "GPU path",
+    "heterogeneity": "Heterogeneous clients: round policies on the simulated clock",
 }
 ORDER = list(TITLES)
 

@@ -133,8 +133,23 @@ def build_data(work: Path, min_train: int) -> dict[str, Any]:
     }
 
 
+# --profiles: three client tiers on the simulated clock (federated/clock.py), to check
+# that the engine's cost per client task stays as it was with the clock computed
+PROFILES = [
+    {"name": "fast", "share": 0.45, "speed": 1.0, "downlink_mbps": 100, "uplink_mbps": 20},
+    {"name": "medium", "share": 0.45, "speed": 0.3, "downlink_mbps": 20, "uplink_mbps": 5},
+    {"name": "slow", "share": 0.10, "speed": 0.05, "downlink_mbps": 5, "uplink_mbps": 1},
+]
+
+
 def make_config(
-    data: dict[str, Any], registered: int, per_round: int, rounds: int, step: str, shard_dir: str
+    data: dict[str, Any],
+    registered: int,
+    per_round: int,
+    rounds: int,
+    step: str,
+    shard_dir: str,
+    profiles: bool = False,
 ) -> dict[str, Any]:
     return {
         "name": f"scale-{registered}-{per_round}-{step}",
@@ -163,6 +178,7 @@ def make_config(
             "client_resources": {"num_cpus": 1},
             "eval_every": rounds,  # evaluate after the last round only
             "shard_dir": shard_dir,
+            "clients": {"profiles": PROFILES if profiles else []},
         },
     }
 
@@ -455,6 +471,7 @@ def main() -> None:
         help="REGISTERED:PER_ROUND pairs run with the real tiny local step",
     )
     ap.add_argument("--no-stock", action="store_true", help="skip Flower's stock backend")
+    ap.add_argument("--profiles", action="store_true", help="three client tiers on the clock")
     ap.add_argument("--stock-limit", type=float, default=180.0, help="s per stock run")
     ap.add_argument("--limit", type=float, default=900.0, help="s per fedrag_ray run")
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
@@ -519,7 +536,7 @@ def main() -> None:
         print(f"=== {label}", flush=True)
         spec = {
             "label": label,
-            "config": make_config(data, n, k, args.rounds, step, shard_dir),
+            "config": make_config(data, n, k, args.rounds, step, shard_dir, args.profiles),
             "run_dir": str(work / "runs" / label),
             "num_cpus": args.num_cpus,
             "backend": backend,
@@ -536,6 +553,7 @@ def main() -> None:
             "per_round": args.per_round,
             "rounds": args.rounds,
             "tiny_pairs": [list(p) for p in args.tiny],
+            "profiles": PROFILES if args.profiles else None,
             "num_cpus": args.num_cpus,
             "client_resources": {"num_cpus": 1},
             "stock_limit_s": args.stock_limit,

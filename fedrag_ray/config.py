@@ -491,6 +491,116 @@ class ValidationConfig(_Strict):
     """Drop a reply whose update (reply minus global) has a larger L2 norm; unset: no bound."""
 
 
+class AvailabilityConfig(_Strict):
+    """When a client of a tier can be sampled. ``always``; ``daily``: on during
+    ``on_hours`` of the simulated day (each client gets a seeded offset in hours, like a
+    time zone, recorded in ``results.json``); ``probability``: on with probability ``p``,
+    drawn per client per round from the run's seed."""
+
+    type: Literal["always", "daily", "probability"] = "always"
+    """`always`, `daily` (on during `on_hours` of the simulated day) or `probability` (`p`)."""
+    on_hours: list[float] | None = None
+    """`daily`: [start, end) hours of the client's own day it is on (end < start wraps midnight)."""
+    p: float | None = Field(None, gt=0.0, le=1.0)
+    """`probability`: the chance a client is available in a round."""
+
+    @model_validator(mode="after")
+    def _pattern_complete(self) -> AvailabilityConfig:
+        if self.type == "daily":
+            hours = self.on_hours
+            if hours is None or len(hours) != 2 or not all(0 <= h <= 24 for h in hours):
+                raise ValueError("availability.on_hours: type daily needs [start, end] in 0..24")
+            if hours[0] == hours[1]:
+                raise ValueError("availability.on_hours: start equals end (never on)")
+        if self.type == "probability" and self.p is None:
+            raise ValueError("availability.p: type probability needs p (0 < p <= 1)")
+        return self
+
+
+class ClientProfile(_Strict):
+    """One tier of simulated clients: its compute speed, network and availability, and the
+    share of the federation's clients in it (``federation.clients.profiles``)."""
+
+    name: str = Field(min_length=1)
+    """The tier's name (rows and results.json name clients' tiers by it)."""
+    share: float = Field(gt=0.0, le=1.0)
+    """Share of the clients in this tier (the profiles' shares sum to 1)."""
+    speed: float | None = Field(None, gt=0.0)
+    """Compute speed as a multiple of `federation.clients.reference_tokens_per_s`."""
+    tokens_per_s: float | None = Field(None, gt=0.0)
+    """Compute speed in generator training tokens per simulated second (instead of `speed`)."""
+    uplink_mbps: float | None = Field(None, gt=0.0)
+    """Upload bandwidth in Mbit/s (client to server); unset: instantaneous."""
+    downlink_mbps: float | None = Field(None, gt=0.0)
+    """Download bandwidth in Mbit/s (server to client); unset: instantaneous."""
+    availability: AvailabilityConfig = AvailabilityConfig()
+    """When the tier's clients can be sampled."""
+    local_steps: int | None = Field(None, ge=1)
+    """Local steps of this tier's clients (a slow client does fewer); unset: the federation's."""
+
+    @model_validator(mode="after")
+    def _one_speed(self) -> ClientProfile:
+        if (self.speed is None) == (self.tokens_per_s is None):
+            raise ValueError(f"profile {self.name!r}: give exactly one of speed or tokens_per_s")
+        return self
+
+
+class ClientsConfig(_Strict):
+    """Heterogeneous clients on a simulated clock (``docs/heterogeneity.md``). Without
+    ``profiles`` every client is one implicit tier, infinitely fast: simulated seconds
+    are 0 and runs are exactly as before."""
+
+    reference_tokens_per_s: float = Field(184.0, gt=0.0)
+    """Training tokens/s of a `speed: 1` client. Default 184: the default generator's
+    measured RALT training speed on one CPU thread of the development host."""
+    profiles: list[ClientProfile] = []
+    """The client tiers; tiers are assigned by exact counts (largest remainder), seeded."""
+
+    @model_validator(mode="after")
+    def _shares_sum_to_one(self) -> ClientsConfig:
+        if not self.profiles:
+            return self
+        names = [p.name for p in self.profiles]
+        if len(set(names)) != len(names):
+            raise ValueError(f"profiles: tier names must be unique (got {names})")
+        total = sum(p.share for p in self.profiles)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"profiles: the shares must sum to 1 (they sum to {total:g})")
+        return self
+
+
+class RoundPolicyConfig(_Strict):
+    """How a round (a server update) is formed on the simulated clock: ``sync`` waits for
+    every sampled client; ``deadline`` drops those slower than ``deadline_s``;
+    ``over_selection`` samples ``ceil(K (1 + over_selection))`` and keeps the first K to
+    finish; ``fedbuff`` is asynchronous buffered aggregation (FedBuff): ``concurrency``
+    clients in flight, an update every ``buffer_size`` arrivals, staleness-weighted."""
+
+    type: Literal["sync", "deadline", "over_selection", "fedbuff"] = "sync"
+    """`sync`, `deadline`, `over_selection` or `fedbuff` (asynchronous, buffered)."""
+    deadline_s: float | None = Field(None, gt=0.0)
+    """`deadline`: simulated seconds after which a round's clients are dropped."""
+    over_selection: float | None = Field(None, gt=0.0)
+    """`over_selection`: extra fraction of clients sampled (0.3: 30% more)."""
+    buffer_size: int | None = Field(None, ge=1)
+    """`fedbuff`: arrivals per server update (M)."""
+    concurrency: int | None = Field(None, ge=1)
+    """`fedbuff`: clients training at once; unset: `clients_per_round`."""
+    staleness_exponent: float = Field(0.5, ge=0.0)
+    """`fedbuff`: an arrival's weight is num_examples x (1 + staleness)^-a."""
+    server_lr: float = Field(1.0, gt=0.0)
+    """`fedbuff`: the server's step on the buffer's weighted mean delta."""
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> RoundPolicyConfig:
+        need = {"deadline": "deadline_s", "over_selection": "over_selection"}
+        need["fedbuff"] = "buffer_size"
+        field_name = need.get(self.type)
+        if field_name is not None and getattr(self, field_name) is None:
+            raise ValueError(f"round_policy.{field_name}: type {self.type} needs it")
+        return self
+
+
 class FederationConfig(_Strict):
     """``client_step``: ``train`` (the real local step); ``noop`` makes a client reply
     with the arrays it received and its example count, doing no model work: for
@@ -532,6 +642,10 @@ class FederationConfig(_Strict):
     """Differential privacy and secure aggregation."""
     validation: ValidationConfig = ValidationConfig()
     """Checks on client replies before aggregation."""
+    clients: ClientsConfig = ClientsConfig()
+    """Client tiers (speed, network, availability) on the simulated clock."""
+    round_policy: RoundPolicyConfig = RoundPolicyConfig()
+    """Synchronous, deadline, over-selection or asynchronous (FedBuff) rounds."""
 
     @model_validator(mode="after")
     def _sample_fits(self) -> FederationConfig:
@@ -565,9 +679,42 @@ class FederationConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _policy_fits(self) -> FederationConfig:
+        policy, pcfg = self.round_policy, self.privacy
+        if policy.type != "sync" and pcfg.secagg.enabled:
+            raise ValueError(
+                f"round_policy.type {policy.type}: privacy.secagg needs a fixed cohort that "
+                "all reply (the server only sees their sum, so it cannot drop stragglers or "
+                "apply arrivals one by one); use round_policy.type sync"
+            )
+        if policy.type != "sync" and pcfg.mode == "central":
+            raise ValueError(
+                f"round_policy.type {policy.type}: privacy.mode central calibrates noise "
+                "and accounting to a fixed cohort of sampled clients; use sync, or "
+                "privacy.mode local"
+            )
+        if policy.type == "fedbuff":
+            if self.strategy.name not in ("fedavg", "fedprox"):
+                raise ValueError(
+                    f"round_policy.type fedbuff: strategy {self.strategy.name!r} has its own "
+                    "server update; FedBuff's buffered update is FedAvg's (fedavg or fedprox)"
+                )
+            if (policy.concurrency or self.sampled) > self.num_clients:
+                raise ValueError(
+                    f"round_policy.concurrency ({policy.concurrency}) exceeds num_clients "
+                    f"({self.num_clients})"
+                )
+        return self
+
     @property
     def sampled(self) -> int:
         return self.clients_per_round or self.num_clients
+
+    @property
+    def concurrency(self) -> int:
+        """FedBuff's clients in flight (``round_policy.concurrency``, else per round)."""
+        return self.round_policy.concurrency or self.sampled
 
 
 class SweepTrackingConfig(_Strict):

@@ -115,6 +115,8 @@ def walk(prefix: str, model: type[BaseModel]) -> list[tuple[str, type[BaseModel]
         args = typing.get_args(field.annotation)
         if typing.get_origin(field.annotation) is dict and args and _model_of(args[-1]):
             nested.append((f"{path}.<key>", _model_of(args[-1])))
+        if typing.get_origin(field.annotation) is list and args and _model_of(args[0]):
+            nested.append((f"{path}[]", _model_of(args[0])))  # each item of a list of sections
     out = [(prefix, model, rows)]
     for path, sub in nested:
         out.extend(walk(path, sub))

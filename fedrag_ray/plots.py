@@ -157,6 +157,67 @@ def run_story(
         plt.close(fig)
 
 
+def _sim_hours(row: dict[str, Any]) -> float:
+    return float(row.get("sim_time") or 0.0) / 3600.0
+
+
+def sim_time_panel(
+    ax: Axes, runs: dict[str, list[dict[str, Any]]], metric: str, title: str = "run"
+) -> None:
+    """``metric`` against *simulated* time (hours, ``federated/clock.py``) on ``ax``, one
+    line per run (e.g. per round policy), with its 95% interval where rows carry one."""
+    values: list[float] = []
+    for i, (name, rows) in enumerate(runs.items()):
+        pts = [r for r in rows if r.get(metric) is not None]
+        if not pts:
+            continue
+        y = [float(r[metric]) for r in pts]
+        values += y
+        ax.plot([_sim_hours(r) for r in pts], y, marker="o", color=f"C{i}", label=name)
+        band = [r for r in pts if r.get(f"{metric}_lo") is not None]
+        if band:
+            ax.fill_between(
+                [_sim_hours(r) for r in band],
+                [r[f"{metric}_lo"] for r in band],
+                [r[f"{metric}_hi"] for r in band],
+                alpha=0.15,
+                color=f"C{i}",
+                lw=0,
+            )
+    _y_range(ax, metric, values)
+    ax.set_xlim(left=0.0)
+    ax.set_xlabel("simulated time (hours)")
+    ax.set_title(f"{title}: {label(metric)} against simulated time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def sim_time_figure(
+    runs: dict[str, list[dict[str, Any]]], metric: str | None = None, title: str = "run"
+) -> Figure | None:
+    """``sim_time_panel`` of the main metric as a figure; None when no row holds it."""
+    metric = metric or next((main_metric(r) for r in runs.values() if main_metric(r)), None)
+    if metric is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    sim_time_panel(ax, runs, metric, title)
+    fig.tight_layout()
+    return fig
+
+
+def metric_vs_sim_time(
+    runs: dict[str, list[dict[str, Any]]],
+    path: str | Path,
+    metric: str | None = None,
+    title: str = "run",
+) -> None:
+    """``sim_time_figure`` written to ``path`` (nothing when no row holds the metric)."""
+    fig = sim_time_figure(runs, metric, title)
+    if fig is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
 def loss_curve(losses: list[float], path: str | Path, title: str = "training loss") -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.5, label="step")

@@ -127,7 +127,12 @@ def test_one_client_one_round_equals_one_centralized_epoch(tmp_path):
     base = tiny(**{"train.method": "both", "retriever.train": "lora", "data.max_train": 8})
     central = run_centralized(config_from_dict(base))
     fed_raw = dict(base, federation={"num_clients": 1, "rounds": 1, "local_epochs": 1})
+    # eval.before off: round 0 is logged unevaluated, and no paired gain is claimed
+    fed_raw = apply_overrides(fed_raw, {"eval.before": False})
     federated = run_federated(config_from_dict(fed_raw), tmp_path / "fed")
+    assert [h["round"] for h in federated["history"]] == [0, 1]
+    assert "recall@5" not in federated["history"][0] and "recall@5" in federated["history"][1]
+    assert federated["metrics_before"] == {} and federated["gain"] == {}
 
     c_state = central["system"].trainable_state()
     f_state = federated["final_arrays"]

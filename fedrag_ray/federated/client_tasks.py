@@ -50,6 +50,7 @@ from fedrag_ray.federated.protocol import (
     HITS_KEY,
     INDEX_SECONDS_KEY,
     K_KEY,
+    LOCAL_STEPS_KEY,
     LR_KEY,
     LSR_STEPS_KEY,
     METRICS_KEY,
@@ -67,6 +68,7 @@ from fedrag_ray.federated.protocol import (
     STEPS_KEY,
     TRAIN_LOSS_KEY,
     TRAIN_SECONDS_KEY,
+    TRAIN_TOKENS_KEY,
     WEIGHT_KEY,
 )
 from fedrag_ray.federated.sampling import decode_example_ids
@@ -115,6 +117,7 @@ def train_noop(pid: int, msg: Message, started: float) -> Message:
             PARTITION_KEY: pid,
             TRAIN_LOSS_KEY: 0.0,
             TRAIN_SECONDS_KEY: time.perf_counter() - started,
+            TRAIN_TOKENS_KEY: 0,
             ACTOR_PID_KEY: os.getpid(),
         }
     )
@@ -141,17 +144,18 @@ def train(runtime: Callable[[], ClientRuntime], pid: int, msg: Message) -> Messa
     examples = rt.examples(ids)
     # The run's global steps for this client: rounds x local steps (the LR schedule
     # spans the whole run, as the server started it: SCHEDULE_ROUNDS_KEY; `both`
-    # alternates on the global step).
-    per_round = fed.local_steps or fed.local_epochs * math.ceil(
-        len(examples) / rt.cfg.train.batch_size
-    )
+    # alternates on the global step). A tier may set its own local steps (clock.py).
+    steps = int(config[LOCAL_STEPS_KEY]) if LOCAL_STEPS_KEY in config else fed.local_steps
+    per_round = steps or fed.local_epochs * math.ceil(len(examples) / rt.cfg.train.batch_size)
+    counts = rt.system.generator.token_counts
+    tokens_before = counts["train"] + counts["score"]
     result = local_train(
         rt.system,
         examples,
         rt.store_for(pid),
         key=(pid, server_round - 1),
         epochs=fed.local_epochs,
-        steps=fed.local_steps,
+        steps=steps,
         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
         start_step=(server_round - 1) * per_round,
         total_steps=int(config.get(SCHEDULE_ROUNDS_KEY, fed.rounds)) * per_round,
@@ -166,6 +170,7 @@ def train(runtime: Callable[[], ClientRuntime], pid: int, msg: Message) -> Messa
             PARTITION_KEY: pid,
             TRAIN_LOSS_KEY: result.mean_loss,
             TRAIN_SECONDS_KEY: result.seconds,
+            TRAIN_TOKENS_KEY: counts["train"] + counts["score"] - tokens_before,
             STEPS_KEY: result.steps,
             LR_KEY: result.lrs[0] if result.lrs else 0.0,
             RALT_STEPS_KEY: result.ralt_steps,

@@ -18,8 +18,9 @@ HIT_DOC_IDS_KEY, HIT_TEXTS_KEY, HIT_SCORES_KEY}, METRICS_KEY: {PARTITION_KEY}}``
 its reply ``{ANSWER_KEY: {ANSWER_TEXT_KEY, PASSAGES_USED_KEY}}``.
 
 A train message:  ``{ARRAYS_KEY: global arrays, CONFIG_KEY: {SERVER_ROUND_KEY,
-EXAMPLE_IDS_KEY, SCHEDULE_ROUNDS_KEY, [PROXIMAL_MU_KEY]}}``; its reply: ``{ARRAYS_KEY:
-trained arrays, METRICS_KEY: {PARTITION_KEY, WEIGHT_KEY, TRAIN_LOSS_KEY, TRAIN_SECONDS_KEY, ...}}``.
+EXAMPLE_IDS_KEY, SCHEDULE_ROUNDS_KEY, [PROXIMAL_MU_KEY], [LOCAL_STEPS_KEY]}}``; its reply:
+``{ARRAYS_KEY: trained arrays, METRICS_KEY: {PARTITION_KEY, WEIGHT_KEY, TRAIN_LOSS_KEY,
+TRAIN_SECONDS_KEY, TRAIN_TOKENS_KEY, ...}}``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ PROXIMAL_MU_KEY = "proximal-mu"  # set by Flower's FedProx
 # with more rounds (a resumed run is the run it would have been, then more rounds at the
 # schedule's end)
 SCHEDULE_ROUNDS_KEY = "schedule-rounds"
+# the client's local steps when its tier sets them (a slow client does fewer; clock.py)
+LOCAL_STEPS_KEY = "local-steps"
 TASK_KEY = "task"  # of an EVALUATE message: which server task
 TASK_PREPARE = "prepare"
 TASK_EVALUATE = "evaluate"
@@ -56,6 +59,8 @@ PARTITION_KEY = PARTITION_ID_KEY  # "partition-id"
 WEIGHT_KEY = "num-examples"  # what FedAvg weights by
 TRAIN_LOSS_KEY = "train-loss"
 TRAIN_SECONDS_KEY = "train-seconds"
+# generator tokens the task processed (train + score): the simulated clock's compute
+TRAIN_TOKENS_KEY = "train-tokens"
 UNIFORM_WEIGHT_KEY = "dp-uniform-weight"  # set to 1 on every accepted reply under DP
 
 # What else a train reply reports about the client and the actor that served it.

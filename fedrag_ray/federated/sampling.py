@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedrag_ray.config import ExperimentConfig
 from fedrag_ray.data import QAExample, partition_examples
-from fedrag_ray.federated.protocol import CONFIG_KEY, EXAMPLE_IDS_KEY
+from fedrag_ray.federated.protocol import CONFIG_KEY, EXAMPLE_IDS_KEY, LOCAL_STEPS_KEY
 
 
 def client_partitions(cfg: ExperimentConfig, train: Sequence[QAExample]) -> list[list[int]]:
@@ -67,25 +67,47 @@ class ClientSampler:
         per_round: int,
         partitions: Sequence[Sequence[int]],
         partition_to_node: dict[int, int],
+        local_steps: np.ndarray | None = None,
     ) -> None:
+        """``local_steps``: per partition, the local steps its tier sets (0: the
+        federation's), sent in its train message (``clock.SimClock``)."""
         self.seed = seed
+        self.local_steps = local_steps
         self.per_round = per_round
         self.partitions = partitions
         self.partition_to_node = partition_to_node
         self.node_to_partition = {n: p for p, n in partition_to_node.items()}
 
-    def sample(self, server_round: int) -> list[int]:
-        """Sorted partition ids of the round (the same for every run with this seed)."""
+    def sample(
+        self, server_round: int, size: int | None = None, allowed: np.ndarray | None = None
+    ) -> list[int]:
+        """Sorted partition ids of the round (the same for every run with this seed):
+        ``size`` of them (default ``per_round``), drawn among the ``allowed`` ones (a
+        mask by partition: the available clients; all when None, or when all are
+        allowed, so the draw is then exactly the one without a mask); fewer when fewer
+        are allowed."""
         rng = np.random.default_rng([self.seed, server_round])
-        chosen = rng.choice(len(self.partitions), size=self.per_round, replace=False)
+        size = self.per_round if size is None else size
+        if allowed is None or allowed.all():
+            chosen = rng.choice(len(self.partitions), size=size, replace=False)
+        else:
+            candidates = np.flatnonzero(allowed)
+            chosen = rng.choice(candidates, size=min(size, candidates.size), replace=False)
         return sorted(int(c) for c in chosen if int(c) in self.partition_to_node)
 
     def train_messages(
-        self, strategy: Any, server_round: int, arrays: ArrayRecord, config: ConfigRecord
+        self,
+        strategy: Any,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        pids: Sequence[int] | None = None,
     ) -> list[Message]:
-        """The strategy's train messages for the round's clients, in partition order,
-        each with its client's question indices."""
-        nodes = RoundNodes([self.partition_to_node[p] for p in self.sample(server_round)])
+        """The strategy's train messages for the round's clients (``pids``, else the
+        round's sample), in partition order, each with its client's question indices
+        (and its tier's local steps, when set)."""
+        pids = self.sample(server_round) if pids is None else pids
+        nodes = RoundNodes([self.partition_to_node[p] for p in pids])
         messages = list(strategy.configure_train(server_round, arrays, config, nodes))
         messages.sort(key=lambda m: self.node_to_partition[m.metadata.dst_node_id])
         for m in messages:
@@ -93,6 +115,8 @@ class ClientSampler:
             content = RecordDict(dict(m.content.items()))  # the arrays record stays shared
             own = dict(m.content[CONFIG_KEY])
             own[EXAMPLE_IDS_KEY] = encode_example_ids(self.partitions[pid])
+            if self.local_steps is not None and self.local_steps[pid] > 0:
+                own[LOCAL_STEPS_KEY] = int(self.local_steps[pid])
             content[CONFIG_KEY] = ConfigRecord(own)
             m.content = content
         return messages

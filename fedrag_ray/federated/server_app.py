@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from fedrag_ray.federated.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from fedrag_ray.federated.clock import SimClock, round_cut
 from fedrag_ray.federated.params import from_record, record_nbytes, to_record
 from fedrag_ray.federated.privacy import (
     PrivacyLedger,
@@ -72,6 +74,7 @@ from fedrag_ray.federated.protocol import (
     TASK_PREPARE,
     TRAIN_LOSS_KEY,
     TRAIN_SECONDS_KEY,
+    TRAIN_TOKENS_KEY,
     UNIFORM_WEIGHT_KEY,
     WEIGHT_KEY,
 )
@@ -126,6 +129,7 @@ class ServerResult:
     privacy: dict[str, Any] | None = None
     secure_aggregation: dict[str, Any] | None = None
     task: dict[str, Any] | None = None  # a FederationTask's output, instead of rounds
+    heterogeneity: dict[str, Any] | None = None  # tiers, policy, per-tier figures (clock.py)
 
 
 @dataclass
@@ -138,6 +142,11 @@ class RoundOutcome:
     bytes_received: int
     norms: dict[int, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # the simulated clock (clock.py): seconds per reply of ``ok`` and ``dropped`` (by
+    # partition), the replies a deadline or over-selection cut, the round's duration
+    sim: dict[int, float] = field(default_factory=dict)
+    dropped: list[Message] = field(default_factory=list)
+    sim_seconds: float = 0.0
 
 
 class FederatedServer:
@@ -177,6 +186,8 @@ class FederatedServer:
         self.task_nodes: list[int] = []  # where server tasks go, in order of preference
         self.result: ServerResult | None = None  # set by make_server_app's main
         self.error: BaseException | None = None
+        self.clock = SimClock.from_config(self.fed, cfg.seed)
+        self.sim_time = 0.0  # simulated seconds since round 1 started (restored on resume)
 
     # ------------------------------------------------------------------ the run
 
@@ -198,18 +209,39 @@ class FederatedServer:
         schedule_rounds = self.schedule_rounds(ckpt)
         result.resumed_from_round = start_round - 1
         result.timings["first_round_started_at"] = time.time()
+        self.sim_time = float(ckpt.extra.get("sim_time", 0.0)) if ckpt else 0.0
+        if self.fed.round_policy.type == "fedbuff":
+            from fedrag_ray.federated.async_loop import run_fedbuff
+
+            with frozen_gc():
+                history, arrays = run_fedbuff(
+                    self,
+                    grid,
+                    sampler,
+                    strategy,
+                    ledger,
+                    log,
+                    history,
+                    arrays,
+                    ckpt,
+                    schedule_rounds,
+                )
+            return self.finish(result, history, arrays, ledger)
         with frozen_gc():
             for server_round in range(start_round, self.fed.rounds + 1):
                 t0 = time.perf_counter()
+                pids, notes = self.round_clients(sampler, server_round)
                 messages = self.configure_round(
-                    sampler, strategy, server_round, schedule_rounds, arrays
+                    sampler, strategy, server_round, schedule_rounds, arrays, pids
                 )
                 outcome = self.exchange(grid, messages, arrays, server_round)
+                self.apply_clock(outcome, messages)
                 clients = self.client_rows(outcome)
                 arrays, aggregated = self.aggregate(
                     strategy, ledger, server_round, outcome, arrays, len(messages)
                 )
                 row = self.round_row(server_round, messages, outcome, clients, aggregated, t0)
+                row |= notes | self.clock_row(pids, outcome, aggregated)
                 self.evaluate_round(grid, row, arrays, server_round)
                 row["peak_rss_bytes"] = process_tree_rss()
                 row["seconds"] = time.perf_counter() - t0
@@ -217,10 +249,34 @@ class FederatedServer:
                 log.append(row)  # before the checkpoint: a resume drops rows past it
                 self.checkpoint(server_round, arrays, strategy, ledger, schedule_rounds)
                 self.on_round(row)
+        return self.finish(result, history, arrays, ledger)
+
+    def finish(
+        self,
+        result: ServerResult,
+        history: list[dict[str, Any]],
+        arrays: dict[str, np.ndarray],
+        ledger: PrivacyLedger | None,
+    ) -> ServerResult:
+        """The result of the rounds: history, final arrays, privacy and tier figures."""
+        from fedrag_ray.federated.clock import tier_report
+
         result.history, result.final_arrays = history, arrays
         result.privacy = ledger.summary(self.fed) if ledger is not None else None
         result.secure_aggregation = self.secure_aggregation_summary()
+        sizes = np.array([len(p) for p in self.partitions], dtype=np.int64)
+        result.heterogeneity = {
+            "round_policy": self.fed.round_policy.model_dump(),
+            "sim_time": self.sim_time,
+            **self.clock.assignment(),
+            "per_tier": tier_report(self.clock, history, sizes),
+        }
         return result
+
+    @staticmethod
+    def peak_rss() -> int:
+        """The process tree's resident memory now (a round row's ``peak_rss_bytes``)."""
+        return process_tree_rss()
 
     # ------------------------------------------------------------------ before round 1
 
@@ -232,7 +288,13 @@ class FederatedServer:
         self.task_nodes = [
             self.part_to_node[p] for p in sorted(self.part_to_node)[:SERVER_TASK_TRIES]
         ]
-        return ClientSampler(self.cfg.seed, self.fed.sampled, self.partitions, self.part_to_node)
+        return ClientSampler(
+            self.cfg.seed,
+            self.fed.sampled,
+            self.partitions,
+            self.part_to_node,
+            self.clock.client_local_steps(),
+        )
 
     def prepare(self, grid: Grid, result: ServerResult) -> dict[str, np.ndarray]:
         """A client actor builds (or checks) the global index and returns the initial
@@ -318,12 +380,70 @@ class FederatedServer:
         server_round: int,
         schedule_rounds: int,
         arrays: dict[str, np.ndarray],
+        pids: Sequence[int] | None = None,
     ) -> list[Message]:
-        """The round's train messages (its sampled clients, in partition order)."""
+        """The round's train messages (``pids``, else its sampled clients, in partition
+        order)."""
         config = ConfigRecord(
             {SERVER_ROUND_KEY: server_round, SCHEDULE_ROUNDS_KEY: schedule_rounds}
         )
-        return sampler.train_messages(strategy, server_round, to_record(arrays), config)
+        return sampler.train_messages(strategy, server_round, to_record(arrays), config, pids)
+
+    def round_clients(
+        self, sampler: ClientSampler, server_round: int
+    ) -> tuple[list[int], dict[str, Any]]:
+        """The round's clients among those available at its simulated start (all of them
+        without availability patterns): K, or ceil(K (1 + o)) under over-selection; and
+        a note for the row when fewer were available than wanted."""
+        policy, want = self.fed.round_policy, self.fed.sampled
+        if policy.type == "over_selection":
+            assert policy.over_selection is not None
+            want = min(self.fed.num_clients, math.ceil(want * (1 + policy.over_selection)))
+        available = self.clock.available(self.sim_time, server_round)
+        pids = sampler.sample(server_round, want, available)
+        if available is None or len(pids) >= want:
+            return pids, {}
+        return pids, {"available": int(available.sum()), "wanted": want}
+
+    def apply_clock(self, outcome: RoundOutcome, messages: list[Message]) -> None:
+        """Each reply's simulated seconds (``clock.py``); a deadline or over-selection
+        moves the replies it cuts from ``outcome.ok`` to ``outcome.dropped``, in
+        partition order, before aggregation. Without profiles: nothing to compute."""
+        if not self.clock.heterogeneous or not outcome.ok:
+            return
+        ok = outcome.ok
+        pids = np.array([_pid(r) for r in ok], dtype=np.int64)
+        down = record_nbytes(messages[0].content[ARRAYS_KEY]) if messages else 0
+        up = [record_nbytes(r.content[ARRAYS_KEY]) if ARRAYS_KEY in r.content else 0 for r in ok]
+        tokens = [r.content[METRICS_KEY].get(TRAIN_TOKENS_KEY, 0) for r in ok]
+        durations = self.clock.durations(pids, np.asarray(tokens), np.full(len(ok), down), up)
+        kept, outcome.sim_seconds = round_cut(
+            self.fed.round_policy, pids, durations, self.fed.sampled
+        )
+        outcome.sim = dict(zip(pids.tolist(), durations.tolist(), strict=True))
+        outcome.ok = [r for r, k in zip(ok, kept, strict=True) if k]
+        outcome.dropped = [r for r, k in zip(ok, kept, strict=True) if not k]
+
+    def clock_row(
+        self, pids: Sequence[int], outcome: RoundOutcome, aggregated: bool
+    ) -> dict[str, Any]:
+        """The round's figures on the simulated clock: its seconds, the run's simulated
+        time after it, the stragglers cut (named, with their tier), and per tier the
+        tasks sent and those whose update reached the model."""
+        self.sim_time += outcome.sim_seconds
+        names, tier_of = self.clock.names, self.clock.tier_of
+        reached = [_pid(r) for r in outcome.ok] if aggregated else []
+        return {
+            "sim_seconds": outcome.sim_seconds,
+            "sim_time": self.sim_time,
+            "stragglers_dropped": len(outcome.dropped),
+            "stragglers": [
+                {"partition-id": p, "tier": names[tier_of[p]]}
+                for p in (_pid(r) for r in outcome.dropped)
+            ],
+            "tier_sent": _tier_counts(names, tier_of, pids),
+            "tier_reached": _tier_counts(names, tier_of, reached),
+        }
 
     def exchange(
         self, grid: Grid, messages: list[Message], arrays: dict[str, np.ndarray], server_round: int
@@ -408,14 +528,23 @@ class FederatedServer:
             extra |= ledger.row()
         return arrays, aggregated
 
-    @staticmethod
-    def client_rows(outcome: RoundOutcome) -> list[dict[str, Any]]:
-        """Each successful client's own metrics (and update norm), as it replied."""
+    def client_rows(self, outcome: RoundOutcome) -> list[dict[str, Any]]:
+        """Each successful client's own metrics (and update norm), as it replied; on the
+        simulated clock (profiles) with its tier, simulated seconds and whether a
+        deadline / over-selection dropped it (without profiles: the rows as they were)."""
+        names, tier_of = self.clock.names, self.clock.tier_of
+        timed = self.clock.heterogeneous
         return [
             {k: v for k, v in r.content[METRICS_KEY].items() if k != WEIGHT_KEY}
             | {"num_examples": r.content[METRICS_KEY][WEIGHT_KEY]}
             | ({"update-norm": outcome.norms[pid]} if (pid := _pid(r)) in outcome.norms else {})
-            for r in outcome.ok
+            | (
+                {"tier": names[tier_of[pid]], "sim_seconds": outcome.sim[pid], "dropped": dropped}
+                if timed
+                else {}
+            )
+            for rs, dropped in ((outcome.ok, False), (outcome.dropped, True))
+            for r in rs
         ]
 
     @staticmethod
@@ -439,7 +568,7 @@ class FederatedServer:
             **outcome.extra,
             "bytes_sent": outcome.bytes_sent,
             "bytes_received": outcome.bytes_received,
-            "train_loss": float(np.mean([c[TRAIN_LOSS_KEY] for c in clients])) if clients else None,
+            "train_loss": float(np.mean(losses)) if (losses := _kept_losses(clients)) else None,
             "client_compute_seconds": float(sum(c[TRAIN_SECONDS_KEY] for c in clients)),
             "round_seconds": time.perf_counter() - t0,
             "clients": clients,
@@ -463,7 +592,7 @@ class FederatedServer:
         schedule_rounds: int,
     ) -> None:
         """The atomic checkpoint a resume starts from (``checkpoint.py``)."""
-        extra: dict[str, Any] = {"schedule_rounds": schedule_rounds}
+        extra: dict[str, Any] = {"schedule_rounds": schedule_rounds, "sim_time": self.sim_time}
         if ledger is not None:
             extra["privacy"] = {**ledger.state(), "clipping_norm": clipping_norm_of(strategy)}
         save_checkpoint(
@@ -554,6 +683,16 @@ class FederatedServer:
 
 def _pid(reply: Message) -> int:
     return int(reply.content[METRICS_KEY][PARTITION_KEY])
+
+
+def _kept_losses(clients: list[dict[str, Any]]) -> list[float]:
+    """The train losses of the clients whose update was aggregated (not cut)."""
+    return [c[TRAIN_LOSS_KEY] for c in clients if not c.get("dropped")]
+
+
+def _tier_counts(names: list[str], tier_of: np.ndarray, pids: Sequence[int]) -> dict[str, int]:
+    counts = np.bincount(tier_of[np.asarray(pids, dtype=np.int64)], minlength=len(names))
+    return dict(zip(names, counts.tolist(), strict=True))
 
 
 @contextlib.contextmanager

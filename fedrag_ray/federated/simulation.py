@@ -497,6 +497,10 @@ def run_summary(
         "failures": int(sum(h["failed"] for h in rounds)),
         "privacy": result.privacy,
         "secure_aggregation": result.secure_aggregation,
+        # the simulated clock (federated/clock.py): policy, each client's tier, per-tier
+        # tasks and the share of each tier's examples that reached the model
+        "sim_time": rounds[-1].get("sim_time", 0.0) if rounds else 0.0,
+        "heterogeneity": result.heterogeneity,
         "actor_nodes": actor_nodes,
         "store_root_nodes_checked": layout.nodes_checked,
         "shard_actors": [
@@ -521,13 +525,16 @@ def _quality(row: dict[str, Any]) -> dict[str, float]:
 
 
 def _plots(summary: dict[str, Any], run_dir: Path) -> None:
-    from fedrag_ray.plots import metrics_vs_round, run_story
+    from fedrag_ray.plots import metric_vs_sim_time, metrics_vs_round, run_story
 
     hist = summary["history"]
     recalls = recall_metric_names(summary["config"]["eval"]["k_values"])
     keys = [k for k in (*recalls, "mrr", "accuracy", "exact_match", "f1") if k in hist[-1]]
     metrics_vs_round(hist, keys, run_dir / "metrics_vs_round.png", "server-side evaluation")
-    run_story(hist, run_dir / "story.png", title=str(summary.get("config", {}).get("name", "run")))
+    name = str(summary.get("config", {}).get("name", "run"))
+    run_story(hist, run_dir / "story.png", title=name)
+    if summary.get("sim_time"):  # a run on the simulated clock (client profiles)
+        metric_vs_sim_time({name: hist}, run_dir / "metric_vs_sim_time.png", title=name)
     rounds = [
         {
             **h,
