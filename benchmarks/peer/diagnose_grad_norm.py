@@ -115,10 +115,15 @@ def model_check(generator: str, adapter: str | None) -> list[dict[str, Any]]:
     return rows
 
 
-def trainer_check(generator: str, adapter: str | None, steps: int, work: Path) -> list[dict]:
+def trainer_check(
+    generator: str, adapter: str | None, steps: int, work: Path, lr: float
+) -> list[dict]:
     """fed-rag's RALT trainer as ``run_peer._manager`` builds it, on a few SQuAD-like rows
-    over a 6-passage store."""
+    over a 6-passage store; also the loss on one fixed batch (all rows) before and after
+    training, which moves only if the steps did."""
     import importlib.util
+
+    import torch
 
     runner = Path(__file__).with_name("run_peer.py")
     spec = importlib.util.spec_from_file_location("run_peer", runner)
@@ -146,7 +151,7 @@ def trainer_check(generator: str, adapter: str | None, steps: int, work: Path) -
             "method": "ralt",
             "local_steps": steps,
             "batch_size": 2,
-            "lr": 1e-4,
+            "lr": lr,
             "seed": 0,
             "top_k": 2,
             "generator": generator,
@@ -162,7 +167,12 @@ def trainer_check(generator: str, adapter: str | None, steps: int, work: Path) -
         manager = rp._manager(job, rp._rag_system(job, wd), rows, wd / "hf")
         hf = rp._trainer_of(manager).hf_trainer_obj
         before = {n: p.detach().clone() for n, p in hf.model.named_parameters() if p.requires_grad}
+        fixed = hf.data_collator(rows)
+        with torch.no_grad():
+            loss_before = hf.model(**fixed).loss.item()
         hf.train()
+        with torch.no_grad():
+            loss_after = hf.model(**fixed).loss.item()
         moved = math.sqrt(
             sum(
                 (p.detach() - before[n]).double().pow(2).sum().item()
@@ -173,8 +183,19 @@ def trainer_check(generator: str, adapter: str | None, steps: int, work: Path) -
         history = hf.state.log_history
         log = [{"loss": e["loss"], "grad_norm": e["grad_norm"]} for e in history if "loss" in e]
         name = attn or "default (sdpa)"
-        out.append({"attn_implementation": name, "steps": log, "weight_change_l2": moved})
-        print(f"trainer, attention {attn or 'default'}: {log}, weight change {moved:.3g}")
+        out.append(
+            {
+                "attn_implementation": name,
+                "lr": lr,
+                "steps": log,
+                "weight_change_l2": moved,
+                "fixed_batch_loss_before_after": [loss_before, loss_after],
+            }
+        )
+        print(
+            f"trainer, attention {name}: {log}, weight change {moved:.3g}, "
+            f"fixed-batch loss {loss_before:.4f} -> {loss_after:.4f}"
+        )
     return out
 
 
@@ -183,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generator", required=True, help="HF causal-LM dir (with tokenizer)")
     ap.add_argument("--adapter", default=None, help="PEFT LoRA dir on --generator")
     ap.add_argument("--trainer-steps", type=int, default=0, help="also run fed-rag's trainer")
+    ap.add_argument("--trainer-lr", type=float, default=1e-4)
     ap.add_argument("--work", type=Path, default=Path("/tmp/peer-grad-norm"))
     ap.add_argument("--out", type=Path, default=None, help="JSON of the findings")
     args = ap.parse_args(argv)
@@ -201,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.trainer_steps:
         result["trainer"] = trainer_check(
-            args.generator, args.adapter, args.trainer_steps, args.work
+            args.generator, args.adapter, args.trainer_steps, args.work, args.trainer_lr
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
