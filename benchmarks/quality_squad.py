@@ -477,7 +477,7 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
         out.append(
             compare(
                 "fed_vs_local_mean",
-                "federated vs local-only (mean of 8 clients)",
+                f"federated vs local-only (mean of {len(local)} of 8 clients)",
                 "exact_match",
                 f,
                 l_,
@@ -490,7 +490,7 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
         out.append(
             compare(
                 "fed_vs_local_worst",
-                "federated vs the worst local-only client",
+                f"federated vs the worst local-only client (of {len(local)})",
                 "exact_match",
                 f,
                 seed_average([worst]),
