@@ -269,6 +269,26 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
+def kill_after_first_checkpoint(cfg_path: Path, run_dir: Path) -> dict:
+    """Start ``fedrag-ray simulate`` into ``run_dir``, SIGKILL its whole process tree once
+    a checkpoint of round (or update) >= 1 exists, and return that checkpoint's meta."""
+    p = subprocess.Popen(
+        [*FEDRAG, "simulate", str(cfg_path), "--output", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
+    meta = run_dir / "checkpoint" / "meta.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if meta.exists() and json.loads(meta.read_text())["round"] >= 1:
+            break
+        time.sleep(0.1)
+    assert p.poll() is None, "run finished before it could be killed"
+    _kill_tree(p.pid)
+    return json.loads(meta.read_text())
+
+
 @pytest.mark.timeout(1200)
 def test_killed_driver_resumes_to_the_same_final_metrics(tmp_path):
     raw = tiny({"num_clients": 3, "clients_per_round": 2, "rounds": 3}, seed=3)
@@ -280,21 +300,7 @@ def test_killed_driver_resumes_to_the_same_final_metrics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     crashed = tmp_path / "crashed"
-    p = subprocess.Popen(
-        [*FEDRAG, "simulate", str(cfg_path), "--output", str(crashed)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=os.environ.copy(),
-    )
-    meta = crashed / "checkpoint" / "meta.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and p.poll() is None:
-        if meta.exists() and json.loads(meta.read_text())["round"] >= 1:
-            break
-        time.sleep(0.2)
-    assert p.poll() is None, "run finished before it could be killed"
-    _kill_tree(p.pid)
-    killed_at = json.loads(meta.read_text())["round"]
+    killed_at = kill_after_first_checkpoint(cfg_path, crashed)["round"]
     assert killed_at < 3
     assert not (crashed / "results.json").exists()
 

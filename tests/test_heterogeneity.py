@@ -6,13 +6,16 @@ synchronous FedAvg bit for bit, and a killed FedBuff run resumed bit-identically
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import time
 
 import numpy as np
 import pytest
-from test_federated import FEDRAG, _kill_tree, cli, tiny, tiny_data, write_yaml  # noqa: F401
+from test_federated import (  # noqa: F401
+    cli,
+    kill_after_first_checkpoint,
+    tiny,
+    tiny_data,
+    write_yaml,
+)
 
 from fedrag_ray.config import ConfigError, RoundPolicyConfig, config_from_dict
 from fedrag_ray.federated.clock import (
@@ -463,21 +466,7 @@ def test_killed_fedbuff_run_resumes_bit_identically(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     crashed = tmp_path / "crashed"
-    p = subprocess.Popen(
-        [*FEDRAG, "simulate", str(cfg_path), "--output", str(crashed)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=os.environ.copy(),
-    )
-    meta = crashed / "checkpoint" / "meta.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and p.poll() is None:
-        if meta.exists() and json.loads(meta.read_text())["round"] >= 1:
-            break
-        time.sleep(0.1)
-    assert p.poll() is None, "run finished before it could be killed"
-    _kill_tree(p.pid)
-    killed = json.loads(meta.read_text())
+    killed = kill_after_first_checkpoint(cfg_path, crashed)
     assert killed["round"] < 4 and killed["extra"]["fedbuff"]["in_flight"]
 
     proc = cli("simulate", str(cfg_path), "--resume", str(crashed))
