@@ -38,6 +38,7 @@ policy; each tier's share of examples that reached the model). Not part of ``mak
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -47,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import REPO, RESULTS, SCRATCH, offline_env, write_result
+from harness import REPO, RESULTS, SCRATCH, offline_env, write_json, write_result
 
 POLICIES = ("sync", "deadline", "over_selection", "fedbuff")
 TIERS = [
@@ -71,7 +72,11 @@ def base_overrides(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "federation.eval_every": 1,  # a curve against simulated time
         "federation.clients.profiles": TIERS,
         "federation.shard_dir": str(work / "shards"),
-        "knowledge_store.path": str(work / "store"),
+        "knowledge_store.path": str(args.store or work / "store"),
+        # the curve starts at round 1: round 0 is the zero-shot model, measured by
+        # quality_squad's zero_shot row; closed-book answers are no policy's concern
+        "eval.before": False,
+        "eval.closed_book": False,
     }
     if args.smoke:
         sets |= {
@@ -113,16 +118,31 @@ def run_policy(
     """One federated run of ``policy``; its history and summary figures."""
     from fedrag_ray.config import load_config
     from fedrag_ray.federated import run_federated
+    from fedrag_ray.preflight import resumable
 
     sets = base_overrides(args, work) | policy_overrides(policy, args, deadline_s)
     cfg = load_config("squad_federated", sets)
+    run_dir = work / "runs" / policy
+    done = work / "results" / f"{policy}.json"
+    fingerprint = cfg.model_dump_json()
+    if done.exists() and json.loads(done.read_text()).get("config") == fingerprint:
+        print(f"[{policy}] reusing {done}", flush=True)
+        return json.loads(done.read_text())["run"]
+    resume = resumable(cfg, run_dir)  # a killed policy goes on from its last round
     t = time.perf_counter()
-    res = run_federated(cfg, work / "runs" / policy, num_cpus=args.num_cpus)
+    res = run_federated(cfg, run_dir, num_cpus=args.num_cpus, resume=resume)
+    run = _summary(policy, cfg, res, time.perf_counter() - t)
+    write_json(done, {"config": fingerprint, "run": run})
+    return run
+
+
+def _summary(policy: str, cfg: Any, res: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """What the comparison and the plot read of one policy's run."""
     return {
         "policy": policy,
         "round_policy": res["heterogeneity"]["round_policy"],
         "rounds": cfg.federation.rounds,
-        "wall_seconds": time.perf_counter() - t,
+        "wall_seconds": wall_s,
         "sim_time_s": res["sim_time"],
         "final": {k: res["metrics_after"].get(k) for k in ("exact_match", "f1")}
         | {
@@ -236,13 +256,26 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--smoke", action="store_true", help="tiny-random, few articles, fast")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: temp)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="run directories (default: temp, removed); with it, a killed benchmark "
+        "reuses finished policies whose config is unchanged and resumes the one cut short",
+    )
+    ap.add_argument(
+        "--store",
+        type=Path,
+        default=REPO / "runs" / "stores" / "squad",
+        help="the global index (quality_squad's; reused when its provenance matches)",
+    )
     args = ap.parse_args()
     if args.smoke:
         # 10 clients: 5 fast, 4 medium, 1 slow (the fewest with every tier present)
         args.clients, args.per_round = min(args.clients, 10), min(args.per_round, 4)
         args.rounds, args.local_steps = min(args.rounds, 2), 1
         args.eval_questions, args.max_train = min(args.eval_questions, 12), 80
+        args.store = None  # the smoke run's tiny corpus gets its own index
         if args.out == RESULTS:  # a smoke run's figures are no result: scratch, ignored
             args.out = SCRATCH
     if "sync" not in args.policies:

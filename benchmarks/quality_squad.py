@@ -121,11 +121,20 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
                 "train.method": "lsr",
                 "train.init_from": str(RUNS / "ralt_s0"),
                 "eval.before": False,
+                "eval.closed_book": False,  # the generator's closed-book is ralt_s0's
             },
             needs=("ralt_s0",),
         )
     )
-    rows.append(Row("lsr_only_s0", "LSR only", "eval", base, needs=("lsr_s0",)))
+    rows.append(
+        Row(
+            "lsr_only_s0",
+            "LSR only",
+            "eval",
+            {**base, "eval.closed_book": False},  # closed-book is zero_shot's
+            needs=("lsr_s0",),
+        )
+    )
     fed_steps = args.rounds * args.local_steps
     fed = fed_overrides(args)
     central = {k: v for k, v in fed.items() if not k.startswith("federation.")}
@@ -247,8 +256,12 @@ def _fed_config_of(row: Row) -> Any:
 
 def _federated(row: Row, cfg: Any, run_dir: Path) -> dict[str, Any]:
     from fedrag_ray.federated import run_federated
+    from fedrag_ray.preflight import resumable
 
-    res = run_federated(cfg, run_dir, num_cpus=1)
+    resume = resumable(cfg, run_dir)  # a killed row goes on from its last round
+    if resume:
+        print(f"[{row.name}] resuming from {run_dir / 'checkpoint'}", flush=True)
+    res = run_federated(cfg, run_dir, num_cpus=1, resume=resume)
     res.pop("final_arrays", None)
     return res
 

@@ -144,6 +144,22 @@ def check_resume(cfg: ExperimentConfig, run_dir: str | Path) -> None:
         )
 
 
+def resumable(cfg: ExperimentConfig, run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint this config can resume (written by this
+    experiment, in the checkpoint version this fedrag_ray reads): lets a long benchmark
+    pick up a killed run and start afresh, never resume, when its inputs changed."""
+    import json
+
+    from fedrag_ray.federated.checkpoint import CHECKPOINT_VERSION
+
+    try:
+        check_resume(cfg, run_dir)
+        meta = json.loads((Path(run_dir) / "checkpoint" / "meta.json").read_text())
+    except ConfigError:
+        return False
+    return meta.get("version") == CHECKPOINT_VERSION
+
+
 def check_federation(cfg: ExperimentConfig, data: RagDataset) -> None:
     fed = cfg.federation
     if fed is None:

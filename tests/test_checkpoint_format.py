@@ -63,3 +63,24 @@ def test_another_checkpoint_version_is_refused_by_name(tmp_path):
     meta_path.write_text(json.dumps({**meta, "version": 2}))
     with pytest.raises(CheckpointError, match="version 2 unsupported.*reads version 3"):
         load_checkpoint(tmp_path)
+
+
+def test_resumable_only_for_this_experiments_checkpoint_in_this_version(tmp_path):
+    """What long benchmarks use to pick a killed run up: a run directory without a
+    checkpoint, with another experiment's, or with an old version's starts afresh."""
+    from fedrag_ray.config import load_config
+    from fedrag_ray.federated.checkpoint import config_fingerprint
+    from fedrag_ray.preflight import resumable
+
+    cfg = load_config("quickstart")
+    other = load_config("quickstart", {"train.lr": 0.5})
+    assert not resumable(cfg, tmp_path)
+    fp = config_fingerprint(cfg.model_dump_json())
+    save_checkpoint(tmp_path, RoundCheckpoint(2, {"w": np.ones(2)}, {}, fp))
+    assert resumable(cfg, tmp_path)
+    assert resumable(cfg.model_copy(update={"seed": cfg.seed}), tmp_path)
+    assert not resumable(other, tmp_path)
+    meta_path = tmp_path / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "version": 2}))
+    assert not resumable(cfg, tmp_path)
