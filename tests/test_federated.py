@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +271,29 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
+@contextlib.contextmanager
+def reference_run(cfg_path: Path, run_dir: Path, timeout: int = 600) -> Iterator[None]:
+    """``fedrag-ray simulate`` into ``run_dir`` in the background for the ``with`` body,
+    then waited for: it must succeed. A resume test runs its uninterrupted reference this
+    way beside the killed and the resumed run: each run spends much of its time waiting
+    on Ray and actor start-up, so they overlap well. Its console goes to ``run_dir``.log
+    (an unread pipe would fill and stall it); it is killed if the body fails."""
+    with open(run_dir.with_suffix(".log"), "w") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [*FEDRAG, "simulate", str(cfg_path), "--output", str(run_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
+    try:
+        yield
+    except BaseException:
+        _kill_tree(proc.pid)
+        raise
+    proc.wait(timeout=timeout)
+    assert proc.returncode == 0, run_dir.with_suffix(".log").read_text()[-3000:]
+
+
 def kill_after_first_checkpoint(cfg_path: Path, run_dir: Path) -> dict:
     """Start ``fedrag-ray simulate`` into ``run_dir``, SIGKILL its whole process tree once
     a checkpoint of round (or update) >= 1 exists, and return that checkpoint's meta."""
@@ -295,17 +320,14 @@ def test_killed_driver_resumes_to_the_same_final_metrics(tmp_path):
     raw["federation"]["strategy"] = {"name": "fedadam", "eta": 0.01}  # stateful strategy
     cfg_path = write_yaml(tmp_path / "exp.yaml", raw)
 
-    straight = tmp_path / "straight"
-    proc = cli("simulate", str(cfg_path), "--output", str(straight))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    with reference_run(cfg_path, straight):
+        killed_at = kill_after_first_checkpoint(cfg_path, crashed)["round"]
+        assert killed_at < 3
+        assert not (crashed / "results.json").exists()
 
-    crashed = tmp_path / "crashed"
-    killed_at = kill_after_first_checkpoint(cfg_path, crashed)["round"]
-    assert killed_at < 3
-    assert not (crashed / "results.json").exists()
-
-    proc = cli("simulate", str(cfg_path), "--resume", str(crashed))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = cli("simulate", str(cfg_path), "--resume", str(crashed))
+        assert proc.returncode == 0, proc.stderr[-3000:]
     a = json.loads((straight / "results.json").read_text())
     b = json.loads((crashed / "results.json").read_text())
     assert b["resumed_from_round"] == killed_at

@@ -12,6 +12,7 @@ import pytest
 from test_federated import (  # noqa: F401
     cli,
     kill_after_first_checkpoint,
+    reference_run,
     tiny,
     tiny_data,
     write_yaml,
@@ -461,16 +462,13 @@ def test_killed_fedbuff_run_resumes_bit_identically(tmp_path) -> None:
     versions; the resumed run recomputes them and ends with the same arrays, bit for
     bit, the same rows (clients, staleness, simulated time) as the uninterrupted run."""
     cfg_path = write_yaml(tmp_path / "exp.yaml", tiny(FEDBUFF_ASYNC, seed=4))
-    straight = tmp_path / "straight"
-    proc = cli("simulate", str(cfg_path), "--output", str(straight))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    with reference_run(cfg_path, straight):
+        killed = kill_after_first_checkpoint(cfg_path, crashed)
+        assert killed["round"] < 4 and killed["extra"]["fedbuff"]["in_flight"]
 
-    crashed = tmp_path / "crashed"
-    killed = kill_after_first_checkpoint(cfg_path, crashed)
-    assert killed["round"] < 4 and killed["extra"]["fedbuff"]["in_flight"]
-
-    proc = cli("simulate", str(cfg_path), "--resume", str(crashed))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = cli("simulate", str(cfg_path), "--resume", str(crashed))
+        assert proc.returncode == 0, proc.stderr[-3000:]
     a = json.loads((straight / "results.json").read_text())
     b = json.loads((crashed / "results.json").read_text())
     assert b["resumed_from_round"] == killed["round"]
