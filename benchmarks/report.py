@@ -798,6 +798,15 @@ def _pubmedqa_headline(doc: Doc) -> tuple[list[list[str]], str]:
     return [r for r in rows if "-" not in r[1].split()][:MAX_HEADLINE_ROWS], caption
 
 
+def _headline_comparisons(comps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At most ``MAX_HEADLINE_ROWS``, in their order: every comparison with a target first
+    (a missed target is never cut from the README), then those without one."""
+    targeted = [c for c in comps if c.get("target")]
+    room = max(0, MAX_HEADLINE_ROWS - len(targeted))
+    keep = targeted + [c for c in comps if not c.get("target")][:room]
+    return [c for c in comps if any(c is k for k in keep)][:MAX_HEADLINE_ROWS]
+
+
 def headline(results: Path = RESULTS) -> str:
     """The README's results table: ≤ 8 headline figures with host and date once."""
     squad = results / "quality_squad.json"
@@ -811,7 +820,7 @@ def headline(results: Path = RESULTS) -> str:
                 c.get("target") or "-",
                 mark(c.get("met")),
             ]
-            for c in (doc.get("comparisons") or [])[:MAX_HEADLINE_ROWS]
+            for c in _headline_comparisons(doc.get("comparisons") or [])
         ]
         caption = (
             f"SQuAD v1.1, {num(doc.get('eval_questions'))} held-out questions; paired "
