@@ -147,3 +147,13 @@ def test_headline_falls_back_to_pubmedqa_until_squad_has_comparisons(tmp_path: P
     (results / "quality_squad.json").write_text(json.dumps(doc))
     table = report.headline(results)
     assert table.startswith("| figure | measured | target | met |") and "PubMedQA" in table
+
+
+def test_readme_headline_never_cuts_a_comparison_with_a_target():
+    """Nine comparisons, the last with a target: the untargeted one makes room for it."""
+    comps = [{"name": f"c{i}", "target": ">= +0.05"} for i in range(7)]
+    comps += [{"name": "f1", "target": None}, {"name": "fed_vs_central", "target": ">= -0.03"}]
+    kept = [c["name"] for c in report._headline_comparisons(comps)]
+    assert len(kept) == report.MAX_HEADLINE_ROWS == 8
+    assert "fed_vs_central" in kept and "f1" not in kept
+    assert kept == [c["name"] for c in comps if c["name"] != "f1"]  # order kept
