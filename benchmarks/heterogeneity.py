@@ -124,15 +124,15 @@ def run_policy(
     cfg = load_config("squad_federated", sets)
     run_dir = work / "runs" / policy
     done = work / "results" / f"{policy}.json"
-    fingerprint = cfg.model_dump_json()
-    if done.exists() and json.loads(done.read_text()).get("config") == fingerprint:
+    config = cfg.model_dump_json()  # a finished policy is reused only for this config
+    if done.exists() and json.loads(done.read_text()).get("config") == config:
         print(f"[{policy}] reusing {done}", flush=True)
         return json.loads(done.read_text())["run"]
     resume = resumable(cfg, run_dir)  # a killed policy goes on from its last round
     t = time.perf_counter()
     res = run_federated(cfg, run_dir, num_cpus=args.num_cpus, resume=resume)
     run = _summary(policy, cfg, res, time.perf_counter() - t)
-    write_json(done, {"config": fingerprint, "run": run})
+    write_json(done, {"config": config, "run": run})
     return run
 
 

@@ -801,10 +801,9 @@ def _pubmedqa_headline(doc: Doc) -> tuple[list[list[str]], str]:
 def _headline_comparisons(comps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """At most ``MAX_HEADLINE_ROWS``, in their order: every comparison with a target first
     (a missed target is never cut from the README), then those without one."""
-    targeted = [c for c in comps if c.get("target")]
-    room = max(0, MAX_HEADLINE_ROWS - len(targeted))
-    keep = targeted + [c for c in comps if not c.get("target")][:room]
-    return [c for c in comps if any(c is k for k in keep)][:MAX_HEADLINE_ROWS]
+    room = max(0, MAX_HEADLINE_ROWS - sum(1 for c in comps if c.get("target")))
+    extra = {id(c) for c in [c for c in comps if not c.get("target")][:room]}
+    return [c for c in comps if c.get("target") or id(c) in extra][:MAX_HEADLINE_ROWS]
 
 
 def headline(results: Path = RESULTS) -> str:

@@ -124,11 +124,11 @@ def check_state_file(state: str | Path, field: str = "--state") -> None:
 
 
 def check_resume(cfg: ExperimentConfig, run_dir: str | Path) -> None:
-    """``--resume RUN_DIR``: a complete checkpoint written by this experiment's config
-    (only ``federation.rounds`` may grow)."""
+    """``--resume RUN_DIR``: a complete checkpoint in the version this fedrag_ray reads,
+    written by this experiment's config (only ``federation.rounds`` may grow)."""
     import json
 
-    from fedrag_ray.federated.checkpoint import config_fingerprint
+    from fedrag_ray.federated.checkpoint import CHECKPOINT_VERSION, config_fingerprint
 
     meta_path = Path(run_dir) / "checkpoint" / "meta.json"
     if not meta_path.is_file():
@@ -137,6 +137,11 @@ def check_resume(cfg: ExperimentConfig, run_dir: str | Path) -> None:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         raise ConfigError(f"--resume: {meta_path} is not readable JSON") from None
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(
+            f"--resume: {run_dir} holds a version {meta.get('version')} checkpoint; this "
+            f"fedrag_ray reads version {CHECKPOINT_VERSION} only: start the run afresh"
+        )
     if meta.get("config_hash") != config_fingerprint(cfg.model_dump_json()):
         raise ConfigError(
             f"--resume: {run_dir} was written by a different experiment config (only "
@@ -148,16 +153,11 @@ def resumable(cfg: ExperimentConfig, run_dir: str | Path) -> bool:
     """Whether ``run_dir`` holds a checkpoint this config can resume (written by this
     experiment, in the checkpoint version this fedrag_ray reads): lets a long benchmark
     pick up a killed run and start afresh, never resume, when its inputs changed."""
-    import json
-
-    from fedrag_ray.federated.checkpoint import CHECKPOINT_VERSION
-
     try:
         check_resume(cfg, run_dir)
-        meta = json.loads((Path(run_dir) / "checkpoint" / "meta.json").read_text())
     except ConfigError:
         return False
-    return meta.get("version") == CHECKPOINT_VERSION
+    return True
 
 
 def check_federation(cfg: ExperimentConfig, data: RagDataset) -> None:

@@ -68,9 +68,9 @@ def test_another_checkpoint_version_is_refused_by_name(tmp_path):
 def test_resumable_only_for_this_experiments_checkpoint_in_this_version(tmp_path):
     """What long benchmarks use to pick a killed run up: a run directory without a
     checkpoint, with another experiment's, or with an old version's starts afresh."""
-    from fedrag_ray.config import load_config
+    from fedrag_ray.config import ConfigError, load_config
     from fedrag_ray.federated.checkpoint import config_fingerprint
-    from fedrag_ray.preflight import resumable
+    from fedrag_ray.preflight import check_resume, resumable
 
     cfg = load_config("quickstart")
     other = load_config("quickstart", {"train.lr": 0.5})
@@ -84,3 +84,5 @@ def test_resumable_only_for_this_experiments_checkpoint_in_this_version(tmp_path
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "version": 2}))
     assert not resumable(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="version 2 checkpoint.*reads version 3"):
+        check_resume(cfg, tmp_path)  # `--resume` says so before Ray starts
