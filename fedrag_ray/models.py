@@ -26,7 +26,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from fedrag_ray.atomic import atomic_directory, atomic_write_bytes
+from fedrag_ray.atomic import atomic_directory, atomic_write_bytes, exclusive
 from fedrag_ray.config import TinyGeneratorSpec
 from fedrag_ray.runtime import torch_seeded
 
@@ -102,8 +102,10 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     """A Hugging Face directory (fp32 safetensors + tokenizer) holding ``gguf``'s model.
 
     Cached by the file's SHA-256 and the converter version, so an edited or different
-    file never reuses a stale conversion. Concurrent converters (several actors) race
-    safely: the directory appears in one rename."""
+    file never reuses a stale conversion. Concurrent callers (the client actors of a first
+    run on a node) convert once: the others wait on a lock beside the directory, then
+    load what the first wrote (~30 s of CPU each saved on a 2-core box); the directory
+    still appears in one rename, so a killed converter leaves nothing half-written."""
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
         raise ModelNotFoundError(f"generator.model: GGUF file not found: {gguf}")
@@ -112,9 +114,18 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         out_dir = (
             cache_dir() / "generators" / f"gguf-{gguf.stem}-{digest[:12]}-v{CONVERTER_VERSION}"
         )
+    with exclusive(out_dir.with_name(out_dir.name + ".lock")):
+        if not _converted(out_dir, digest):
+            _convert(gguf, digest, out_dir)
+    return out_dir
+
+
+def _converted(out_dir: Path, digest: str) -> bool:
     marker = out_dir / "fedrag_ray_source.json"
-    if marker.exists() and json.loads(marker.read_text()).get("sha256") == digest:
-        return out_dir
+    return marker.exists() and json.loads(marker.read_text()).get("sha256") == digest
+
+
+def _convert(gguf: Path, digest: str, out_dir: Path) -> None:
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -135,21 +146,16 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict(), strict=True)
         model.generation_config = loaded.generation_config
-        try:
-            with atomic_directory(out_dir) as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                (tmp / "fedrag_ray_source.json").write_text(
-                    json.dumps({"gguf": str(gguf), "sha256": digest, "v": CONVERTER_VERSION})
-                )
-        except OSError:
-            if not marker.exists():  # lost a race to another process: fine
-                raise
+        with atomic_directory(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "fedrag_ray_source.json").write_text(
+                json.dumps({"gguf": str(gguf), "sha256": digest, "v": CONVERTER_VERSION})
+            )
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:  # re-enabling under HF_HUB_DISABLE_PROGRESS_BARS=1 (actors) warns
             transformers.logging.enable_progress_bar()
-    return out_dir
 
 
 # --------------------------------------------------------------------------- tiny-random
@@ -162,9 +168,16 @@ def tiny_generator_dir(spec: TinyGeneratorSpec, seed: int) -> Path:
 
 def build_tiny_generator(spec: TinyGeneratorSpec, seed: int, out_dir: Path) -> Path:
     """Create the untrained tiny LM (random init from ``seed``) with the WordPiece
-    tokenizer of the offline MiniLM package. Idempotent: an existing directory is reused."""
-    if (out_dir / "config.json").exists():
-        return out_dir
+    tokenizer of the offline MiniLM package. Idempotent: an existing directory is reused,
+    and concurrent callers (actors on one node) take turns on a lock, so none replaces the
+    directory while another loads from it."""
+    with exclusive(out_dir.with_name(out_dir.name + ".lock")):
+        if not (out_dir / "config.json").exists():
+            _build_tiny_generator(spec, seed, out_dir)
+    return out_dir
+
+
+def _build_tiny_generator(spec: TinyGeneratorSpec, seed: int, out_dir: Path) -> None:
     import transformers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -185,14 +198,9 @@ def build_tiny_generator(spec: TinyGeneratorSpec, seed: int, out_dir: Path) -> P
     )
     with torch_seeded(seed):  # random weights, the same for the same seed
         model = LlamaForCausalLM(config)
-    try:
-        with atomic_directory(out_dir) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    except OSError:
-        if not (out_dir / "config.json").exists():  # lost a race to another process: fine
-            raise
-    return out_dir
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def resolve_generator_path(model: str, tiny_spec: TinyGeneratorSpec, seed: int) -> str:

@@ -28,8 +28,13 @@ N_SMALL = 40  # questions whose abstracts form the small shared corpus (~135 pas
 
 @pytest.fixture(scope="session", autouse=True)
 def fedrag_cache(tmp_path_factory):
-    """The default generator (and anything else cached) is built into a temp dir."""
-    path = tmp_path_factory.mktemp("fedrag_cache")
+    """The default generator (and anything else cached) is built into a temp dir, one per
+    test run: under xdist the workers share it (their basetemps sit in the run's one
+    directory), so the second worker loads the SmolLM2 conversion the first one made
+    (~30 s; concurrent builders take turns on a lock, ``fedrag_ray.atomic.exclusive``)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "fedrag_cache"
+    path.mkdir(exist_ok=True)
     old = os.environ.get("FEDRAG_RAY_CACHE")
     os.environ["FEDRAG_RAY_CACHE"] = str(path)
     yield path
@@ -192,3 +197,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         }
         for lane in explicit or _lanes(item):
             item.add_marker(getattr(pytest.mark, lane))
+    # Slowest lanes first (a stable sort: each module's tests of one lane stay together,
+    # so module fixtures are built once). xdist's worksteal hands each worker a contiguous
+    # share and lets an idle worker steal from the *end* of another's queue: with the
+    # 30-100 s cluster and Ray tests at the front and the sub-second unit tests at the
+    # back, what is left to steal at the end is short, and no worker idles while the
+    # other finishes a long test it picked up last.
+    items.sort(key=lambda it: min(LANE_ORDER.get(m.name, 9) for m in it.iter_markers()))
+
+
+LANE_ORDER = {"cluster": 0, "ray": 1, "real_model": 2, "gpu": 3, "unit": 4}

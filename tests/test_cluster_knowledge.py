@@ -28,6 +28,7 @@ from test_cluster_run import (
     assert_cluster_intact,
     cluster_nodes,
     simulate,
+    small_pubmedqa,
 )
 
 
@@ -112,7 +113,7 @@ def hidden_cluster(fedrag_cache):
 def served_config(tmp_path_factory) -> Path:
     raw = {
         "name": "cluster-served",
-        "data": {"max_train": 16, "max_eval": 4},
+        "data": {"path": small_pubmedqa(tmp_path_factory), "max_train": 16, "max_eval": 4},
         "eval": {"generate": False, "closed_book": False},
         "generator": {"model": "tiny-random", "max_length": 96},
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},

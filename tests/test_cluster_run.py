@@ -38,6 +38,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from shared_data import pubmedqa_sample_raw
 
 from fedrag_ray.config import ClientResources
 from fedrag_ray.federated.resources import (
@@ -205,11 +206,19 @@ def ray_cluster(fedrag_cache):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def small_pubmedqa(tmp_path_factory) -> str:
+    """40 PubMedQA items (~135 passages) for the cluster runs: with the default config's
+    whole PQA-L file (~1,700 passages) a 1-CPU node spent ~55 s embedding before round 1."""
+    path = tmp_path_factory.mktemp("cluster_data") / "pubmedqa_40.json"
+    path.write_text(json.dumps(dict(list(pubmedqa_sample_raw().items())[:40])))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> Path:
     raw = {
         "name": "cluster-tiny",
-        "data": {"max_train": 16, "max_eval": 4},
+        "data": {"path": small_pubmedqa(tmp_path_factory), "max_train": 16, "max_eval": 4},
         "eval": {"generate": False},
         "generator": {"model": "tiny-random", "max_length": 96},
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},

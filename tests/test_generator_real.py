@@ -345,3 +345,41 @@ def test_first_conversion_in_a_quiet_worker_prints_nothing(tmp_path):
     assert (out / "model.safetensors").is_file()
     noise = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert not noise, noise[:5]
+
+
+_RACE = """
+import sys, time
+from pathlib import Path
+import fedrag_ray.models as m
+
+def fake_convert(gguf, digest, out_dir):  # the conversion's shape, without its 30 s
+    from fedrag_ray.atomic import atomic_directory
+    print("converting", flush=True)
+    time.sleep(1.5)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "fedrag_ray_source.json").write_text(m.json.dumps({"sha256": digest}))
+
+m._convert = fake_convert
+print(m.convert_gguf(m.smollm2_gguf(), Path(sys.argv[1])))
+"""
+
+
+def test_concurrent_first_conversions_convert_once(tmp_path):
+    """Two client actors starting together on a fresh node: one converts the GGUF, the
+    other waits on the lock and reuses the directory instead of converting beside it."""
+    out = tmp_path / "converted"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE, str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    outputs = [stdout for stdout, _ in results]
+    assert sum(o.count("converting") for o in outputs) == 1, outputs
+    assert all(o.strip().endswith(str(out)) for o in outputs)
+    assert (out / "fedrag_ray_source.json").is_file()

@@ -205,7 +205,7 @@ class Layout:
     num_actors: int
     stores_root: Path
     global_path: Path
-    nodes_checked: int  # nodes that proved they read the store root
+    nodes_checked: int  # nodes that proved they read the store root (0: a local head started here)
 
 
 class FederatedSession:
@@ -247,6 +247,7 @@ class FederatedSession:
         self.served: list[Any] = []  # shard-actor services started for this run
         self.shard_actors: list[dict[str, Any]] = []
         self.shards_built = 0
+        self.local_head = False  # set by _ray: this run started a Ray head of its own
 
     def train(self) -> dict[str, Any]:
         """Train the configured rounds; the run's summary (also ``results.json``)."""
@@ -324,6 +325,7 @@ class FederatedSession:
         """Ray for the run: started here (and shut down at the end) or joined; the shard
         actors this run started are stopped on every way out."""
         started_ray = _init_ray(self.address, self.num_cpus)
+        self.local_head = started_ray and not self.address
         try:
             yield
         finally:
@@ -345,8 +347,13 @@ class FederatedSession:
         stores_root.mkdir(parents=True, exist_ok=True)
         global_path = global_store_path(self.cfg, stores_root)
         global_path.parent.mkdir(parents=True, exist_ok=True)
-        self.phase("checking that every client node reads the store root")
-        checked = check_store_roots([stores_root, global_path.parent], fed.client_resources)
+        if self.local_head:
+            # a head started here is this machine's one node, the driver's: it wrote the
+            # stores root, so there is nothing to prove (the probe costs a worker start)
+            checked = 0
+        else:
+            self.phase("checking that every client node reads the store root")
+            checked = check_store_roots([stores_root, global_path.parent], fed.client_resources)
         num_actors = fed.num_actors or min(slots, fed.sampled)
         return Layout(slots, num_actors, stores_root, global_path, checked)
 
