@@ -221,6 +221,7 @@ def tiny_config(tmp_path_factory) -> Path:
         "data": {"path": small_pubmedqa(tmp_path_factory), "max_train": 16, "max_eval": 4},
         "eval": {"generate": False},
         "generator": {"model": "tiny-random", "max_length": 96},
+        "retriever": {"max_length": 64},  # half the embedding work of each index build
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
         "federation": {
             "num_clients": NUM_CLIENTS,

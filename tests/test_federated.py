@@ -43,6 +43,7 @@ def tiny(federation: dict | None = None, **overrides) -> dict:
         "data": {"path": TINY_DATA["path"], "max_train": 16, "max_eval": 4},
         "eval": {"generate": False},
         "generator": {"model": "tiny-random", "max_length": 96},
+        "retriever": {"max_length": 64},  # half the embedding work of each index build
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
     }
     if federation is not None:
@@ -85,6 +86,7 @@ def test_simulate_cli_default_config_8_clients_3_rounds(tmp_path, tiny_data):
         "eval.generate": "false",
         "generator.max_length": 128,
         "generator.model": "tiny-random",
+        "retriever.max_length": 64,
     }
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     proc = cli("simulate", "quickstart", "--output", str(out), *args)

@@ -31,6 +31,7 @@ def tiny_federated(tmp_path, federation: dict) -> dict:
         "data": {"path": str(path), "max_train": 16, "max_eval": 4},
         "eval": {"generate": False},
         "generator": {"model": "tiny-random", "max_length": 96},
+        "retriever": {"max_length": 64},  # half the embedding work of each index build
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
         "federation": {"num_clients": 2, "rounds": 2, "local_steps": 1, **federation},
     }

@@ -26,6 +26,7 @@ def sweep_raw(tmp_path_factory) -> dict:
         "data": {"path": str(data), "max_train": 12, "max_eval": 6},
         "eval": {"generate": False},
         "generator": {"model": "tiny-random", "max_length": 96},
+        "retriever": {"max_length": 64},  # half the embedding work of each index build
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
         "federation": {"num_clients": 2, "rounds": 2, "local_steps": 1},
         "tune": {
