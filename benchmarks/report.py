@@ -690,6 +690,7 @@ TITLES = {
     "peer_fedrag_tiny": "Side by side with fed-rag: tiny random generator",
     "privacy_robustness": "Privacy and robustness (DP, SecAgg+, robust aggregation)",
     "lsr_context_lm": "LSR with a context-reading teacher",
+    "lsr_squad_teacher": "LSR on SQuAD: the teacher's ceiling and the retriever's settings",
     "gpu_path": "GPU path",
     "heterogeneity": "Heterogeneous clients: round policies on the simulated clock",
 }
