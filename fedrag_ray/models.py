@@ -114,9 +114,10 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         out_dir = (
             cache_dir() / "generators" / f"gguf-{gguf.stem}-{digest[:12]}-v{CONVERTER_VERSION}"
         )
-    with exclusive(out_dir.with_name(out_dir.name + ".lock")):
-        if not _converted(out_dir, digest):
-            _convert(gguf, digest, out_dir)
+    if not _converted(out_dir, digest):  # (a read-only cache that has it needs no lock)
+        with exclusive(out_dir.with_name(out_dir.name + ".lock")):
+            if not _converted(out_dir, digest):  # not made while this one waited
+                _convert(gguf, digest, out_dir)
     return out_dir
 
 
@@ -171,9 +172,10 @@ def build_tiny_generator(spec: TinyGeneratorSpec, seed: int, out_dir: Path) -> P
     tokenizer of the offline MiniLM package. Idempotent: an existing directory is reused,
     and concurrent callers (actors on one node) take turns on a lock, so none replaces the
     directory while another loads from it."""
-    with exclusive(out_dir.with_name(out_dir.name + ".lock")):
-        if not (out_dir / "config.json").exists():
-            _build_tiny_generator(spec, seed, out_dir)
+    if not (out_dir / "config.json").exists():
+        with exclusive(out_dir.with_name(out_dir.name + ".lock")):
+            if not (out_dir / "config.json").exists():  # not made while this one waited
+                _build_tiny_generator(spec, seed, out_dir)
     return out_dir
 
 

@@ -197,13 +197,49 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         }
         for lane in explicit or _lanes(item):
             item.add_marker(getattr(pytest.mark, lane))
-    # Slowest lanes first (a stable sort: each module's tests of one lane stay together,
-    # so module fixtures are built once). xdist's worksteal hands each worker a contiguous
-    # share and lets an idle worker steal from the *end* of another's queue: with the
-    # 30-100 s cluster and Ray tests at the front and the sub-second unit tests at the
-    # back, what is left to steal at the end is short, and no worker idles while the
-    # other finishes a long test it picked up last.
-    items.sort(key=lambda it: min(LANE_ORDER.get(m.name, 9) for m in it.iter_markers()))
+    items[:] = _schedule(items)
+    if os.environ.get("FEDRAG_RAY_TEST_ORDER"):  # where to write the order, to inspect it
+        with open(os.environ["FEDRAG_RAY_TEST_ORDER"], "w") as f:
+            f.writelines(f"{_lane(it)} {it.nodeid}\n" for it in items)
 
 
+def _lane(item: pytest.Item) -> str:
+    return min((m.name for m in item.iter_markers() if m.name in LANE_COST), key=LANE_ORDER.get)
+
+
+def _schedule(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The order that keeps both xdist workers busy to the end.
+
+    xdist's worksteal hands worker k the k-th contiguous share of this list, and an idle
+    worker steals from the *end* of another's queue. So each share starts with its slow
+    tests and ends with sub-second unit tests: what is stolen at the end is short, and no
+    worker idles while the other runs a 100 s test it picked up last (a plain lane sort
+    left the Tune sweep to start 10 minutes in). Whole (module, lane) groups go to the
+    share with the least estimated work, so module fixtures are built once; the unit
+    tests then fill the shares to the sizes xdist will cut."""
+    n = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))  # set in xdist workers
+    groups: dict[tuple[str, str], list[pytest.Item]] = {}
+    for item in items:
+        groups.setdefault((item.nodeid.split("::")[0], _lane(item)), []).append(item)
+    slow = [g for (_, lane), g in groups.items() if lane != "unit"]
+    fast = [it for (_, lane), g in groups.items() if lane == "unit" for it in g]
+    slow.sort(key=lambda g: -sum(LANE_COST[_lane(it)] for it in g))
+    shares: list[list[pytest.Item]] = [[] for _ in range(n)]
+    cost = [0.0] * n
+    for g in slow:  # largest first, each to the least loaded share
+        k = cost.index(min(cost))
+        shares[k] += g
+        cost[k] += sum(LANE_COST[_lane(it)] for it in g)
+    for share in shares:
+        share.sort(key=lambda it: LANE_ORDER[_lane(it)])  # stable: groups stay together
+    sizes = [len(items) // n + (1 if k >= n - len(items) % n else 0) for k in range(n)]
+    for k in range(n):  # xdist sends len(pending) // idle_workers to each in turn
+        take = max(0, sizes[k] - len(shares[k]))
+        shares[k] += fast[:take]
+        fast = fast[take:]
+    shares[-1] += fast
+    return [it for share in shares for it in share]
+
+
+LANE_COST = {"cluster": 40.0, "ray": 40.0, "real_model": 10.0, "gpu": 1.0, "unit": 1.0}
 LANE_ORDER = {"cluster": 0, "ray": 1, "real_model": 2, "gpu": 3, "unit": 4}
