@@ -47,7 +47,12 @@ def tiny(federation: dict | None = None, **overrides) -> dict:
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
     }
     if federation is not None:
-        raw["federation"] = {"num_clients": 2, "rounds": 2, "local_steps": 1, **federation}
+        # One client actor unless a test asks for more: each actor start imports torch,
+        # transformers and peft (~6 s of CPU), and these runs' rounds take under a second.
+        # Several actors at once are tested where that is the point (the CLI run, the
+        # cluster, served shards, dying actors).
+        fed = {"num_clients": 2, "rounds": 2, "local_steps": 1, "num_actors": 1}
+        raw["federation"] = {**fed, **federation}
     return apply_overrides(raw, overrides)
 
 
@@ -233,7 +238,8 @@ def test_client_reply_carries_only_parameter_arrays_and_scalars(tmp_path):
 
 
 def _fault_config(tmp_path: Path) -> dict:
-    return tiny({"num_clients": 4, "rounds": 3, "min_successes": 1})
+    # as many actors as fit (2 here): a dying actor is replaced while the other serves
+    return tiny({"num_clients": 4, "rounds": 3, "min_successes": 1, "num_actors": None})
 
 
 @pytest.mark.timeout(900)
