@@ -33,7 +33,13 @@ def tiny_federated(tmp_path, federation: dict) -> dict:
         "generator": {"model": "tiny-random", "max_length": 96},
         "retriever": {"max_length": 64},  # half the embedding work of each index build
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
-        "federation": {"num_clients": 2, "rounds": 2, "local_steps": 1, **federation},
+        "federation": {
+            "num_clients": 2,
+            "rounds": 2,
+            "local_steps": 1,
+            "num_actors": 1,
+            **federation,
+        },  # one actor: see test_federated.tiny
     }
 
 
