@@ -14,7 +14,8 @@ retriever barely moved, or the teacher has little to teach. This measures both:
    into the query encoder, so the difference is about the most recall@1 it can add.
 2. *Each LSR run* passed with ``--runs`` (a ``fedrag-ray train`` directory evaluated
    before and after on the validation articles, retrieval only): the paired recall@1 /
-   recall@5 / MRR gain with its 95% interval, beside the retriever settings it used.
+   recall@5 / MRR gain with its 95% interval, beside the retriever settings it used, and
+   the paired recall@1 gain on the training questions (does it fit what it saw?).
 
 The runs in ``benchmarks/results/lsr_squad_teacher.json`` were made with (one core each;
 ``--set knowledge_store.path=runs/stores/squad`` reuses quality_squad's index):
@@ -63,6 +64,7 @@ def teacher_ceiling(questions: int, teacher: Path, store_path: Path) -> dict[str
     store = prepare_store(system, data)
     system.generator.model.eval()
     counts = dict.fromkeys(("gold_in_top_k", "retriever", "target", "fixes", "breaks"), 0)
+    counts |= {"target_answer_elsewhere": 0}
     p_gold = {"retriever": 0.0, "target": 0.0}
     for ex in data.train[:questions]:
         sim, idx = store.search(system.retriever.encode_queries([ex.question]), lsr.k)
@@ -83,6 +85,8 @@ def teacher_ceiling(questions: int, teacher: Path, store_path: Path) -> dict[str
         counts["target"] += t_top == gold
         counts["fixes"] += t_top == gold != r_top
         counts["breaks"] += r_top == gold != t_top
+        # the target prefers another paragraph that also holds the answer string
+        counts["target_answer_elsewhere"] += t_top != gold and ex.answer in passages[t_top].text
         p_gold["retriever"] += float(log_p_r[gold].exp())
         p_gold["target"] += float(log_target[gold].exp())
     n, found = questions, max(1, counts["gold_in_top_k"])
@@ -99,8 +103,56 @@ def teacher_ceiling(questions: int, teacher: Path, store_path: Path) -> dict[str
         "ceiling_recall1_gain": (counts["target"] - counts["retriever"]) / n,
         "target_fixes": counts["fixes"],
         "target_breaks": counts["breaks"],
+        "target_top1_other_paragraph_with_answer": counts["target_answer_elsewhere"] / n,
         "mean_p_gold_retriever": p_gold["retriever"] / found,
         "mean_p_gold_target": p_gold["target"] / found,
+    }
+
+
+def train_recall_gain(run_dir: Path, store_path: Path) -> dict[str, Any]:
+    """Paired recall@1 gain of the run's query encoder on the *training* questions (the
+    ones its steps drew from, and the rest of the same articles): does LSR fit what it
+    saw, even where the validation articles do not move?"""
+    import numpy as np
+
+    from fedrag_ray.centralized import load_init_state, prepare_store
+    from fedrag_ray.config import load_config
+    from fedrag_ray.data import load_dataset_from_config
+    from fedrag_ray.rag import RAGSystem
+    from fedrag_ray.stats import paired_difference
+
+    res = json.loads((run_dir / "results.json").read_text())
+    cfg = load_config(
+        "squad",
+        {
+            "generator.model": "tiny-random",  # retrieval only
+            "train.method": "lsr",  # so the query encoder has the run's adapters
+            "retriever.train": res["config"]["retriever"]["train"],
+            "knowledge_store.path": str(store_path),
+        },
+    )
+    data = load_dataset_from_config(cfg.data)
+    questions = [e.question for e in data.train]
+    hits, store = {}, None
+    for label, source in (("before", None), ("after", run_dir)):
+        system = RAGSystem(cfg)
+        if source is not None:
+            load_init_state(system, source)
+        store = store or prepare_store(system, data)  # the index of the untrained encoder
+        _, idx = store.search(system.retriever.encode_queries(questions), 1)
+        hits[label] = np.array(
+            [
+                store.passages[i[0]].doc_id in e.gold_doc_ids
+                for i, e in zip(idx, data.train, strict=True)
+            ],
+            dtype=float,
+        )
+    gain = paired_difference(hits["after"], hits["before"])
+    return {
+        "train questions": len(questions),
+        "train recall@1 before": float(hits["before"].mean()),
+        "train recall@1 gain": gain.mean,
+        "train recall@1 gain 95% CI": f"[{gain.lo:+.3f}, {gain.hi:+.3f}]",
     }
 
 
@@ -135,6 +187,8 @@ def main() -> None:
     args = ap.parse_args()
     offline_env()
     rows = [run_row(r) for r in args.runs]  # fail on a bad run before the slow part
+    for row, run in zip(rows, args.runs, strict=True):
+        row.update(train_recall_gain(run, args.store))
     ceiling = teacher_ceiling(args.questions, args.teacher, args.store)
     path = write_result("lsr_squad_teacher", {**ceiling, "rows": rows}, args.out)
     print(json.dumps({**ceiling, "rows": rows}, indent=2))

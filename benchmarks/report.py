@@ -44,6 +44,8 @@ def num(x: Any, nd: int = 2) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     if isinstance(x, float):
+        if x != 0 and abs(x) < 0.5 * 10**-nd:  # a learning rate, not a rounded-away 0
+            return f"{x:.{max(1, nd - 1)}g}"
         return f"{x:,.{nd}f}"
     return str(x)
 
