@@ -30,7 +30,8 @@ def tiny(data_path, **overrides):
         "eval": {"generate": False, "closed_book": False},
         "generator": {"model": "tiny-random", "max_length": 96},
         "train": {"method": "ralt", "batch_size": 2, "ralt": {"k": 2}},
-        "federation": {"num_clients": 2, "rounds": 1, "local_steps": 1},
+        # one client actor: see test_federated.tiny
+        "federation": {"num_clients": 2, "rounds": 1, "local_steps": 1, "num_actors": 1},
     }
     return config_from_dict(apply_overrides(raw, overrides))
 

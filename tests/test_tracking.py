@@ -154,7 +154,7 @@ def test_simulate_logs_rounds_and_keeps_every_round_for_export(tmp_path, data_pa
     raw = tiny_raw(
         data_path,
         {"mlflow_uri": uri, "keep_rounds": True},
-        federation={"num_clients": 2, "rounds": 2, "local_steps": 2},
+        federation={"num_clients": 2, "rounds": 2, "local_steps": 2, "num_actors": 1},
     )
     rows = []
     res = run_federated(config_from_dict(raw), tmp_path / "fed", on_round=rows.append)
@@ -213,7 +213,9 @@ def test_default_tracking_keeps_the_model_out_of_the_federated_driver(tmp_path, 
 
     uri = (tmp_path / "mlruns").as_uri()
     raw = tiny_raw(
-        data_path, {"mlflow_uri": uri}, federation={"num_clients": 2, "rounds": 1, "local_steps": 1}
+        data_path,
+        {"mlflow_uri": uri},
+        federation={"num_clients": 2, "rounds": 1, "local_steps": 1, "num_actors": 1},
     )
     script = (
         "import json, sys\n"
