@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,18 @@ def exclusive(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def build_once(path: str | Path, is_built: Callable[[], bool], build: Callable[[], None]) -> None:
+    """Run ``build`` (which writes ``path`` atomically) unless ``is_built()``; concurrent
+    callers take turns on ``path``.lock and check again after waiting, so one builds and
+    the rest reuse it. A cache that already holds it (even a read-only one) takes no lock."""
+    if is_built():
+        return
+    path = Path(path)
+    with exclusive(path.with_name(path.name + ".lock")):
+        if not is_built():  # not made while this one waited
+            build()
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from fedrag_ray.atomic import atomic_directory, atomic_write_bytes, exclusive
+from fedrag_ray.atomic import atomic_directory, atomic_write_bytes, build_once
 from fedrag_ray.config import TinyGeneratorSpec
 from fedrag_ray.runtime import torch_seeded
 
@@ -114,10 +114,9 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         out_dir = (
             cache_dir() / "generators" / f"gguf-{gguf.stem}-{digest[:12]}-v{CONVERTER_VERSION}"
         )
-    if not _converted(out_dir, digest):  # (a read-only cache that has it needs no lock)
-        with exclusive(out_dir.with_name(out_dir.name + ".lock")):
-            if not _converted(out_dir, digest):  # not made while this one waited
-                _convert(gguf, digest, out_dir)
+    build_once(
+        out_dir, lambda: _converted(out_dir, digest), lambda: _convert(gguf, digest, out_dir)
+    )
     return out_dir
 
 
@@ -172,10 +171,8 @@ def build_tiny_generator(spec: TinyGeneratorSpec, seed: int, out_dir: Path) -> P
     tokenizer of the offline MiniLM package. Idempotent: an existing directory is reused,
     and concurrent callers (actors on one node) take turns on a lock, so none replaces the
     directory while another loads from it."""
-    if not (out_dir / "config.json").exists():
-        with exclusive(out_dir.with_name(out_dir.name + ".lock")):
-            if not (out_dir / "config.json").exists():  # not made while this one waited
-                _build_tiny_generator(spec, seed, out_dir)
+    config = out_dir / "config.json"
+    build_once(out_dir, config.exists, lambda: _build_tiny_generator(spec, seed, out_dir))
     return out_dir
 
 
