@@ -109,51 +109,53 @@ def teacher_ceiling(questions: int, teacher: Path, store_path: Path) -> dict[str
     }
 
 
-def train_recall_gain(run_dir: Path, store_path: Path) -> dict[str, Any]:
-    """Paired recall@1 gain of the run's query encoder on the *training* questions (the
-    ones its steps drew from, and the rest of the same articles): does LSR fit what it
-    saw, even where the validation articles do not move?"""
-    import numpy as np
-
+def train_recall_gains(runs: list[Path], store_path: Path) -> list[dict[str, Any]]:
+    """Per run, the paired recall@1 gain of its query encoder on the *training* questions
+    (the ones its steps drew from, and the rest of the same articles): does LSR fit what
+    it saw, even where the validation articles do not move? The untrained encoder's hits
+    are computed once: every run starts from it."""
     from fedrag_ray.centralized import load_init_state, prepare_store
     from fedrag_ray.config import load_config
     from fedrag_ray.data import load_dataset_from_config
+    from fedrag_ray.evaluate import hits_at_k
     from fedrag_ray.rag import RAGSystem
     from fedrag_ray.stats import paired_difference
 
-    res = json.loads((run_dir / "results.json").read_text())
-    cfg = load_config(
-        "squad",
-        {
-            "generator.model": "tiny-random",  # retrieval only
-            "train.method": "lsr",  # so the query encoder has the run's adapters
-            "retriever.train": res["config"]["retriever"]["train"],
-            "knowledge_store.path": str(store_path),
-        },
-    )
-    data = load_dataset_from_config(cfg.data)
-    questions = [e.question for e in data.train]
-    hits, store = {}, None
-    for label, source in (("before", None), ("after", run_dir)):
-        system = RAGSystem(cfg)
-        if source is not None:
-            load_init_state(system, source)
-        store = store or prepare_store(system, data)  # the index of the untrained encoder
-        _, idx = store.search(system.retriever.encode_queries(questions), 1)
-        hits[label] = np.array(
-            [
-                store.passages[i[0]].doc_id in e.gold_doc_ids
-                for i, e in zip(idx, data.train, strict=True)
-            ],
-            dtype=float,
+    def config(query_encoder: str) -> Any:
+        return load_config(
+            "squad",
+            {
+                "generator.model": "tiny-random",  # retrieval only
+                "train.method": "lsr",  # so the query encoder has the run's adapters
+                "retriever.train": query_encoder,
+                "knowledge_store.path": str(store_path),
+            },
         )
-    gain = paired_difference(hits["after"], hits["before"])
-    return {
-        "train questions": len(questions),
-        "train recall@1 before": float(hits["before"].mean()),
-        "train recall@1 gain": gain.mean,
-        "train recall@1 gain 95% CI": f"[{gain.lo:+.3f}, {gain.hi:+.3f}]",
-    }
+
+    base = RAGSystem(config("lora"))
+    data = load_dataset_from_config(base.cfg.data)
+    store = prepare_store(base, data)  # the index of the untrained encoder
+    questions, gold = [e.question for e in data.train], [e.gold_doc_ids for e in data.train]
+
+    def hits(system: Any) -> list[float]:
+        _, idx = store.search(system.retriever.encode_queries(questions), 1)
+        return hits_at_k([[p.doc_id for p in row] for row in store.get(idx)], gold, 1)
+
+    before, rows = hits(base), []
+    for run in runs:
+        res = json.loads((run / "results.json").read_text())
+        system = RAGSystem(config(res["config"]["retriever"]["train"]))
+        load_init_state(system, run)
+        gain = paired_difference(hits(system), before)
+        rows.append(
+            {
+                "train questions": len(questions),
+                "train recall@1 before": sum(before) / len(before),
+                "train recall@1 gain": gain.mean,
+                "train recall@1 gain 95% CI": f"[{gain.lo:+.3f}, {gain.hi:+.3f}]",
+            }
+        )
+    return rows
 
 
 def run_row(run_dir: Path) -> dict[str, Any]:
@@ -187,8 +189,8 @@ def main() -> None:
     args = ap.parse_args()
     offline_env()
     rows = [run_row(r) for r in args.runs]  # fail on a bad run before the slow part
-    for row, run in zip(rows, args.runs, strict=True):
-        row.update(train_recall_gain(run, args.store))
+    for row, train in zip(rows, train_recall_gains(args.runs, args.store), strict=True):
+        row.update(train)
     ceiling = teacher_ceiling(args.questions, args.teacher, args.store)
     path = write_result("lsr_squad_teacher", {**ceiling, "rows": rows}, args.out)
     print(json.dumps({**ceiling, "rows": rows}, indent=2))
