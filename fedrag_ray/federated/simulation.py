@@ -247,7 +247,6 @@ class FederatedSession:
         self.served: list[Any] = []  # shard-actor services started for this run
         self.shard_actors: list[dict[str, Any]] = []
         self.shards_built = 0
-        self.local_head = False  # set by _ray: this run started a Ray head of its own
 
     def train(self) -> dict[str, Any]:
         """Train the configured rounds; the run's summary (also ``results.json``)."""
@@ -264,8 +263,8 @@ class FederatedSession:
         # Join (or start) Ray and check that the client resources fit *before* the slow
         # data and model preparation, so an impossible request fails in seconds.
         self.phase("connecting to Ray")
-        with quiet_warnings(), self._ray():
-            layout = self._layout(run_dir)
+        with quiet_warnings(), self._ray() as local_head:
+            layout = self._layout(run_dir, local_head)
             self.phase("loading data")
             data = load_dataset_from_config(self.cfg.data)
             t = time.perf_counter()
@@ -321,13 +320,13 @@ class FederatedSession:
         return run_dir
 
     @contextlib.contextmanager
-    def _ray(self) -> Iterator[None]:
+    def _ray(self) -> Iterator[bool]:
         """Ray for the run: started here (and shut down at the end) or joined; the shard
-        actors this run started are stopped on every way out."""
+        actors this run started are stopped on every way out. Yields whether this run
+        started a local head of its own (its one node is the driver's)."""
         started_ray = _init_ray(self.address, self.num_cpus)
-        self.local_head = started_ray and not self.address
         try:
-            yield
+            yield started_ray and not self.address  # a Ray head of this run's own
         finally:
             if self.served:
                 from fedrag_ray import index_service
@@ -339,7 +338,7 @@ class FederatedSession:
 
                 ray.shutdown()
 
-    def _layout(self, run_dir: Path) -> Layout:
+    def _layout(self, run_dir: Path, local_head: bool) -> Layout:
         """Client slots and actors; the store root, checked readable on every client node."""
         fed = self.fed
         slots = cluster_client_slots(fed.client_resources)
@@ -347,7 +346,7 @@ class FederatedSession:
         stores_root.mkdir(parents=True, exist_ok=True)
         global_path = global_store_path(self.cfg, stores_root)
         global_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.local_head:
+        if local_head:
             # a head started here is this machine's one node, the driver's: it wrote the
             # stores root, so there is nothing to prove (the probe costs a worker start)
             checked = 0
