@@ -368,10 +368,14 @@ ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"
 class StrategyConfig(_Strict):
     """Flower's strategies. The robust ones (``fedmedian``, ``fedtrimmedavg``: ``trim_beta``
     cut from each end; ``krum`` / ``multikrum`` / ``bulyan``: ``num_malicious_nodes``,
-    ``multikrum`` also ``num_nodes_to_select``) bound what a few bad clients can do."""
+    ``multikrum`` also ``num_nodes_to_select``) bound what a few bad clients can do.
+    ``fedavgm`` steps ``server_lr`` times the clients' mean delta, with ``server_momentum``:
+    FedAvg moves the model by one client's worth of local steps per round, however many
+    clients there are, and a server step above 1 buys back some of the rest."""
 
     name: Literal[
         "fedavg",
+        "fedavgm",
         "fedprox",
         "fedadam",
         "fedyogi",
@@ -385,6 +389,10 @@ class StrategyConfig(_Strict):
     """Flower strategy aggregating the clients' updates."""
     proximal_mu: float = Field(0.0, ge=0.0)
     """FedProx proximal term weight."""
+    server_lr: float = Field(1.0, gt=0.0)
+    """FedAvgM: the server's step on the clients' weighted mean delta (1: FedAvg)."""
+    server_momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """FedAvgM: server momentum on that delta (0: none)."""
     eta: float = Field(1e-2, gt=0.0)
     """Server learning rate of FedAdam / FedYogi / FedAdagrad."""
     eta_l: float = Field(1e-2, gt=0.0)

@@ -1,5 +1,6 @@
 """Robustness: update validation before aggregation, the chaos knob, Flower's robust
-strategies. Real Flower strategies and messages; one real federated run on Ray."""
+strategies (and FedAvgM's server step, built the same way). Real Flower strategies and
+messages; one real federated run on Ray."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from shared_data import pubmedqa_sample_raw
 from fedrag_ray.config import ConfigError, config_from_dict
 from fedrag_ray.federated.faults import parse_faults
 from fedrag_ray.federated.params import from_record, to_record
-from fedrag_ray.federated.strategies import build_strategy
+from fedrag_ray.federated.strategies import (
+    build_strategy,
+    load_strategy_state,
+    strategy_state,
+)
 from fedrag_ray.federated.validation import split_valid
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
@@ -152,6 +157,38 @@ def test_robust_strategies_resist_one_sign_flipping_client_where_fedavg_does_not
     for k in GLOBAL:
         assert np.mean(avg[k]) < 0  # FedAvg is dragged past the start, the wrong way
         assert np.mean(rob[k]) == pytest.approx(0.1, abs=0.02), name
+
+
+def test_fedavgm_steps_server_lr_times_the_mean_delta_with_momentum_and_resumes(tmp_path):
+    """server_lr 2, momentum 0.5, clients that each move every weight by +0.1: round 1
+    goes 0 -> 0.2; round 2 from 0.2: pseudo-gradient -0.1, momentum -0.15, so 0.5. The
+    state a checkpoint keeps (arrays + momentum) resumes round 3 to the same arrays."""
+    from fedrag_ray.federated.checkpoint import RoundCheckpoint, load_checkpoint, save_checkpoint
+
+    def round_(strategy, server_round: int, start: float) -> dict[str, np.ndarray]:
+        replies = [reply(i, moved(start + 0.1 + 0.01 * (i - 1))) for i in range(3)]
+        new, _ = strategy.aggregate_train(server_round, replies)
+        return from_record(new)
+
+    strategy = _strategy("fedavgm", server_lr=2.0, server_momentum=0.5)
+    load_strategy_state(strategy, {"current_arrays": GLOBAL, "momentum_vector": None})
+    for k, v in round_(strategy, 1, 0.0).items():
+        np.testing.assert_allclose(v, 0.2, atol=1e-6, err_msg=k)
+    for k, v in round_(strategy, 2, 0.2).items():
+        np.testing.assert_allclose(v, 0.5, atol=1e-6, err_msg=k)
+
+    ckpt = RoundCheckpoint(2, from_record(strategy.current_arrays), strategy_state(strategy), "h")
+    save_checkpoint(tmp_path, ckpt)
+    resumed = _strategy("fedavgm", server_lr=2.0, server_momentum=0.5)
+    load_strategy_state(resumed, load_checkpoint(tmp_path).strategy_state)
+    straight, again = round_(strategy, 3, 0.5), round_(resumed, 3, 0.5)
+    for k in GLOBAL:  # momentum -0.175 carried over: 0.5 + 2 * 0.175
+        np.testing.assert_allclose(straight[k], 0.85, atol=1e-6, err_msg=k)
+        np.testing.assert_array_equal(straight[k], again[k])
+    fedavg = _strategy("fedavgm")  # server_lr 1, no momentum: plain FedAvg
+    load_strategy_state(fedavg, {"current_arrays": GLOBAL})
+    for k, v in round_(fedavg, 1, 0.0).items():
+        np.testing.assert_allclose(v, 0.1, atol=1e-6, err_msg=k)
 
 
 def test_strategy_and_privacy_config_errors_name_the_field():

@@ -12,11 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -29,9 +31,10 @@ from flwr.serverapp.strategy import (
 from fedrag_ray.config import StrategyConfig
 from fedrag_ray.federated.protocol import WEIGHT_KEY
 
-# Attributes of Flower's strategies that change while training (FedOpt's moments and the
-# arrays of the current round); everything else is set from config at construction.
-_STATE_ATTRS = ("current_arrays", "m_t", "v_t")
+# Attributes of Flower's strategies that change while training (FedOpt's moments,
+# FedAvgM's momentum and the arrays of the current round); everything else is set from
+# config at construction.
+_STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 
 def build_strategy(cfg: StrategyConfig, weighted_by_key: str = WEIGHT_KEY) -> Strategy:
@@ -46,6 +49,12 @@ def build_strategy(cfg: StrategyConfig, weighted_by_key: str = WEIGHT_KEY) -> St
     }
     if cfg.name == "fedavg":
         return FedAvg(**common)
+    if cfg.name == "fedavgm":
+        return FedAvgM(
+            **common,
+            server_learning_rate=cfg.server_lr,
+            server_momentum=cfg.server_momentum,
+        )
     if cfg.name == "fedprox":
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.name == "fedmedian":
@@ -80,8 +89,20 @@ def base_strategy(strategy: Strategy) -> Strategy:
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The training state as ``{attribute: {name: ndarray} | None}``, what a checkpoint
+    stores: FedOpt keeps it so already; FedAvgM keeps an ``ArrayRecord`` and a list."""
     strategy = base_strategy(strategy)
-    return {k: getattr(strategy, k) for k in _STATE_ATTRS if hasattr(strategy, k)}
+    return {k: _named(getattr(strategy, k)) for k in _STATE_ATTRS if hasattr(strategy, k)}
+
+
+def _named(value: Any) -> dict[str, np.ndarray] | None:
+    if value is None:
+        return None
+    if isinstance(value, ArrayRecord):
+        return {n: a.numpy() for n, a in value.items()}
+    if isinstance(value, list):  # FedAvgM's momentum, in the order of its arrays
+        return {str(i): np.asarray(a) for i, a in enumerate(value)}
+    return {n: np.asarray(a) for n, a in value.items()}
 
 
 def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
@@ -89,4 +110,12 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     for k, v in state.items():
         if k not in _STATE_ATTRS:
             raise ValueError(f"unexpected strategy state {k!r}")
-        setattr(strategy, k, None if v is None else {n: np.asarray(a) for n, a in v.items()})
+        named = None if v is None else {n: np.asarray(a) for n, a in v.items()}
+        if named is not None and isinstance(strategy, FedAvgM):
+            if k == "current_arrays":
+                setattr(strategy, k, ArrayRecord({n: Array(a) for n, a in named.items()}))
+                continue
+            if k == "momentum_vector":
+                setattr(strategy, k, [named[str(i)] for i in range(len(named))])
+                continue
+        setattr(strategy, k, named)
