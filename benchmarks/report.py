@@ -193,6 +193,30 @@ def render_quality_squad(doc: Doc) -> str:
                 ],
             )
         )
+    split = {
+        k: r["exact_match_by_retrieval"]
+        for k, r in rows.items()
+        if r.get("exact_match_by_retrieval")
+    }
+    if split:
+        out.append(
+            "\nEM where the gold paragraph was retrieved first and where it was not (one "
+            "passage reaches the generator, so EM is about recall@1 × the first column):\n\n"
+        )
+        out.append(
+            table(
+                ["run", "gold first: questions", "EM", "gold not first: questions", "EM"],
+                [
+                    [rows[k].get("label", k)]
+                    + [
+                        cell
+                        for part in ("gold_first", "gold_not_first")
+                        for cell in (num((s.get(part) or {}).get("questions")), _ci(s.get(part)))
+                    ]
+                    for k, s in split.items()
+                ],
+            )
+        )
     thr = doc.get("throughput") or {}
     if thr:
         cols: list[str] = []
