@@ -14,7 +14,8 @@ unchanged is reused, so an interrupted benchmark continues where it stopped):
 
 - ``zero_shot``: the untouched models, with retrieval and closed-book;
 - ``ralt_s<seed>``: RALT (generator LoRA r 16 on q/k/v/o, top-1 retrieved passage), one
-  row per training seed;
+  row per training seed; ``ralt_mlp_s<seed>``: the same with LoRA on the MLP too
+  (gate/up/down), what QLoRA found a small adapter needs to match full fine-tuning;
 - ``lsr_s0``: LSR on the query encoder's LoRA with the RALT-trained generator
   (``ralt_s0``) as the teacher, evaluated with that generator — RA-DIT's two stages, both
   components tuned; ``lsr_only_s0`` evaluates the same retriever with the base generator;
@@ -176,6 +177,16 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
                 config="squad_federated",
             )
         )
+    mlp = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    rows += [
+        Row(
+            f"ralt_mlp_s{s}",
+            "RALT, LoRA on attention + MLP",
+            "train",
+            {**base, "seed": s, "eval.before": False, "generator.lora.target_modules": mlp},
+        )
+        for s in seeds
+    ]
     for c in range(8):
         rows.append(
             Row(
@@ -477,6 +488,20 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
                 n,
                 TARGETS["ralt_rag_vs_closed_book"],
                 after_metric="exact_match",
+            )
+        )
+    ralt_mlp = rows("ralt_mlp_s")
+    if zero and ralt_mlp:
+        out.append(
+            compare(
+                "ralt_mlp_vs_zero_shot",
+                "RALT (LoRA on attention + MLP) vs zero-shot RAG",
+                "exact_match",
+                seed_average(ralt_mlp),
+                seed_average([zero]),
+                ev,
+                len(ralt_mlp),
+                TARGETS["ralt_vs_zero_shot"],
             )
         )
     lsr, lsr_only = done.get("lsr_s0"), done.get("lsr_only_s0")
