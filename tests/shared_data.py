@@ -34,6 +34,13 @@ def pubmedqa_sample_raw() -> dict:
     return copy.deepcopy(_sample())
 
 
+def write_pubmedqa_items(path: Path, n: int) -> Path:
+    """The sample's first ``n`` items written to ``path``: a corpus small enough to embed
+    in seconds for a test run."""
+    path.write_text(json.dumps(dict(list(_sample().items())[:n])))
+    return path
+
+
 @functools.lru_cache(maxsize=1)
 def pubmedqa_sample_path() -> Path:
     """The sample written once per user to a temp file (atomically: xdist workers race)."""

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.centralized import prepare_store, run_centralized
 from fedrag_ray.config import config_from_dict
@@ -19,9 +19,7 @@ TIMINGS = ("setup_s", "index_s", "eval_before_s", "train_s", "eval_after_s", "to
 @pytest.fixture(scope="module")
 def centralized_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("centralized")
-    raw = pubmedqa_sample_raw()
-    data = tmp / "pqa_small.json"
-    data.write_text(json.dumps(dict(list(raw.items())[:30])))
+    data = write_pubmedqa_items(tmp / "pqa_small.json", 30)
     cfg = config_from_dict(
         {
             "name": "tiny-central",

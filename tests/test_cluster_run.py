@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.config import ClientResources
 from fedrag_ray.federated.resources import (
@@ -210,8 +210,7 @@ def small_pubmedqa(tmp_path_factory) -> str:
     """40 PubMedQA items (~135 passages) for the cluster runs: with the default config's
     whole PQA-L file (~1,700 passages) a 1-CPU node spent ~55 s embedding before round 1."""
     path = tmp_path_factory.mktemp("cluster_data") / "pubmedqa_40.json"
-    path.write_text(json.dumps(dict(list(pubmedqa_sample_raw().items())[:40])))
-    return str(path)
+    return str(write_pubmedqa_items(path, 40))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.centralized import run_centralized
 from fedrag_ray.config import config_from_dict
@@ -27,9 +27,7 @@ QUERIES = ["Do mitochondria matter in apoptosis?", "Is aspirin effective after s
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    raw = pubmedqa_sample_raw()
-    path = tmp_path_factory.mktemp("data") / "pqa_20.json"
-    path.write_text(json.dumps(dict(list(raw.items())[:20])))
+    path = write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pqa_20.json", 20)
     return path
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.config import apply_overrides, config_from_dict
 
@@ -27,9 +27,7 @@ FEDRAG = [sys.executable, "-m", "fedrag_ray.cli"]
 def tiny_data(tmp_path_factory):
     """40 PubMedQA items (~135 passages): small enough to embed in seconds per run."""
 
-    raw = pubmedqa_sample_raw()
-    path = tmp_path_factory.mktemp("data") / "pubmedqa_40.json"
-    path.write_text(json.dumps(dict(list(raw.items())[:40])))
+    path = write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pubmedqa_40.json", 40)
     TINY_DATA["path"] = str(path)
     return path
 

@@ -4,11 +4,9 @@ federated retrieval merges the clients' private top-k lists."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.config import apply_overrides, config_from_dict
 
@@ -17,9 +15,7 @@ from fedrag_ray.config import apply_overrides, config_from_dict
 def tiny_data(tmp_path_factory):
     """40 PubMedQA items (~135 passages): small enough to embed in seconds per run."""
 
-    raw = pubmedqa_sample_raw()
-    path = tmp_path_factory.mktemp("data") / "pubmedqa_40.json"
-    path.write_text(json.dumps(dict(list(raw.items())[:40])))
+    path = write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pubmedqa_40.json", 40)
     return path
 
 

@@ -4,10 +4,8 @@ engine and a LangChain chain answering through the bridges with their sources.""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.centralized import run_centralized
 from fedrag_ray.config import config_from_dict
@@ -27,9 +25,7 @@ QUESTION = "Which vitamin prevents scurvy?"
 def system(tmp_path_factory):
     """A fine-tuned (RALT, 2 steps) tiny system, loaded back from its run directory."""
     tmp = tmp_path_factory.mktemp("bridge")
-    raw = pubmedqa_sample_raw()
-    data = tmp / "pqa_12.json"
-    data.write_text(json.dumps(dict(list(raw.items())[:12])))
+    data = write_pubmedqa_items(tmp / "pqa_12.json", 12)
     cfg = config_from_dict(
         {
             "data": {"path": str(data), "max_train": 4, "max_eval": 2},

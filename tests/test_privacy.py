@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import GaussianPrivacyEvent
 from flwr.supercore.task_identity import TaskIdentity
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.config import ConfigError, config_from_dict
 from fedrag_ray.federated.params import from_record, to_record
@@ -232,9 +232,7 @@ def test_local_dp_mod_clips_and_noises_every_reply():
 
 def tiny_federated(tmp_path, federation: dict, seed: int = 0) -> dict:
 
-    raw = pubmedqa_sample_raw()
-    path = tmp_path / "pubmedqa_40.json"
-    path.write_text(json.dumps(dict(list(raw.items())[:40])))
+    path = write_pubmedqa_items(tmp_path / "pubmedqa_40.json", 40)
     return {
         "name": "tiny",
         "seed": seed,

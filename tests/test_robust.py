@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.config import ConfigError, config_from_dict
 from fedrag_ray.federated.faults import parse_faults
@@ -28,9 +28,7 @@ TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 def tiny_federated(tmp_path, federation: dict) -> dict:
     """A federated run at test size: 40 PubMedQA items, tiny generator, 1 local step."""
 
-    raw = pubmedqa_sample_raw()
-    path = tmp_path / "pubmedqa_40.json"
-    path.write_text(json.dumps(dict(list(raw.items())[:40])))
+    path = write_pubmedqa_items(tmp_path / "pubmedqa_40.json", 40)
     return {
         "name": "tiny",
         "data": {"path": str(path), "max_train": 16, "max_eval": 4},

@@ -10,7 +10,7 @@ import struct
 
 import numpy as np
 import pytest
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.centralized import run_centralized
 from fedrag_ray.config import config_from_dict
@@ -19,9 +19,7 @@ from fedrag_ray.export import ExportError, export_run, resolve_run
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    raw = pubmedqa_sample_raw()
-    path = tmp_path_factory.mktemp("data") / "pqa_20.json"
-    path.write_text(json.dumps(dict(list(raw.items())[:20])))
+    path = write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pqa_20.json", 20)
     return path
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from shared_data import pubmedqa_sample_raw
+from shared_data import write_pubmedqa_items
 
 from fedrag_ray.config import ConfigError
 from fedrag_ray.tune import parse_tune_config, trial_actor_count
@@ -17,9 +17,7 @@ from fedrag_ray.tune import parse_tune_config, trial_actor_count
 @pytest.fixture(scope="module")
 def sweep_raw(tmp_path_factory) -> dict:
 
-    raw = pubmedqa_sample_raw()
-    data = tmp_path_factory.mktemp("data") / "pubmedqa_30.json"
-    data.write_text(json.dumps(dict(list(raw.items())[:30])))
+    data = write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pubmedqa_30.json", 30)
     return {
         "name": "sweep-test",
         "seed": 0,
