@@ -665,7 +665,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--local-steps", type=int, default=4)
     ap.add_argument("--client-questions", type=int, default=100)
-    ap.add_argument("--server-lr", type=float, default=4.0, help="fedm_s* rows' FedAvgM step")
+    ap.add_argument("--server-lr", type=float, default=2.0, help="fedm_s* rows' FedAvgM step")
     ap.add_argument("--server-momentum", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--summary-only", action="store_true", help="summarise the runs done")
