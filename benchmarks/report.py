@@ -109,7 +109,8 @@ def _ci(m: dict[str, Any] | None, nd: int = 3) -> str:
     if m.get("lo") is not None and m.get("hi") is not None:
         out += f" [{num(m['lo'], nd)}, {num(m['hi'], nd)}]"
     if m.get("seed_sd") is not None:
-        out += f" (seed sd {num(m['seed_sd'], nd)})"
+        sd = m["seed_sd"] if abs(m["seed_sd"]) > 1e-12 else 0.0  # equal seeds, float noise
+        out += f" (seed sd {num(sd, nd)})"
     return out
 
 

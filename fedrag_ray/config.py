@@ -370,8 +370,9 @@ class StrategyConfig(_Strict):
     cut from each end; ``krum`` / ``multikrum`` / ``bulyan``: ``num_malicious_nodes``,
     ``multikrum`` also ``num_nodes_to_select``) bound what a few bad clients can do.
     ``fedavgm`` steps ``server_lr`` times the clients' mean delta, with ``server_momentum``:
-    FedAvg moves the model by one client's worth of local steps per round, however many
-    clients there are, and a server step above 1 buys back some of the rest."""
+    FedAvg moves the model by about one client's local steps per round, however many
+    clients train. With AdamW clients a step above 1 scales their noise too (on SQuAD, 4
+    overshot and 2 gained about a point: docs/quality.md)."""
 
     name: Literal[
         "fedavg",
