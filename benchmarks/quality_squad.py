@@ -407,7 +407,10 @@ def em_by_retrieval(avg: dict[str, np.ndarray], cfg_eval: Any) -> dict[str, Any]
     for key, mask in (("gold_first", first), ("gold_not_first", ~first)):
         if mask.any():
             ci = bootstrap_ci(
-                avg["exact_match"][mask], cfg_eval["samples"], cfg_eval["confidence"], 0
+                avg["exact_match"][mask],
+                cfg_eval["samples"],
+                cfg_eval["confidence"],
+                cfg_eval["seed"],
             )
             out[key] = {"questions": int(mask.sum()), "mean": ci.mean, "lo": ci.lo, "hi": ci.hi}
     return out

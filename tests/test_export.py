@@ -27,8 +27,7 @@ QUERIES = ["Do mitochondria matter in apoptosis?", "Is aspirin effective after s
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    path = write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pqa_20.json", 20)
-    return path
+    return write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pqa_20.json", 20)
 
 
 def tiny_raw(data_path, **train) -> dict:

@@ -15,8 +15,7 @@ from fedrag_ray.config import apply_overrides, config_from_dict
 def tiny_data(tmp_path_factory):
     """40 PubMedQA items (~135 passages): small enough to embed in seconds per run."""
 
-    path = write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pubmedqa_40.json", 40)
-    return path
+    return write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pubmedqa_40.json", 40)
 
 
 def tiny(data_path, **overrides):

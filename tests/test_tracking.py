@@ -19,8 +19,7 @@ from fedrag_ray.export import ExportError, export_run, resolve_run
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    path = write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pqa_20.json", 20)
-    return path
+    return write_pubmedqa_items(tmp_path_factory.mktemp("data") / "pqa_20.json", 20)
 
 
 def tiny_raw(data_path, tracking: dict, **extra) -> dict:
