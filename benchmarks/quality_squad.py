@@ -16,6 +16,8 @@ unchanged is reused, so an interrupted benchmark continues where it stopped):
 - ``ralt_s<seed>``: RALT (generator LoRA r 16 on q/k/v/o, top-1 retrieved passage), one
   row per training seed; ``ralt_mlp_s<seed>``: the same with LoRA on the MLP too
   (gate/up/down), what QLoRA found a small adapter needs to match full fine-tuning;
+  ``ralt_2k_s<seed>``: RALT for ``--epoch-steps`` (one pass over the config's 2,000
+  training questions instead of 800), whether more labelled questions lift the reader;
 - ``lsr_s0``: LSR on the query encoder's LoRA with the RALT-trained generator
   (``ralt_s0``) as the teacher, evaluated with that generator — RA-DIT's two stages, both
   components tuned; ``lsr_only_s0`` evaluates the same retriever with the base generator;
@@ -184,6 +186,15 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
             "RALT, LoRA on attention + MLP",
             "train",
             {**base, "seed": s, "eval.before": False, "generator.lora.target_modules": mlp},
+        )
+        for s in seeds
+    ]
+    rows += [
+        Row(
+            f"ralt_2k_s{s}",
+            f"RALT, {8 * args.epoch_steps:,} questions ({args.epoch_steps} steps)",
+            "train",
+            {**base, "seed": s, "eval.before": False, "train.max_steps": args.epoch_steps},
         )
         for s in seeds
     ]
@@ -493,18 +504,37 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
                 after_metric="exact_match",
             )
         )
-    ralt_mlp = rows("ralt_mlp_s")
-    if zero and ralt_mlp:
+    variants = {
+        "ralt_mlp": "RALT (LoRA on attention + MLP)",
+        "ralt_2k": f"RALT ({8 * args.epoch_steps:,} questions, {args.epoch_steps} steps)",
+    }
+    for prefix, label in variants.items():
+        variant = rows(f"{prefix}_s")
+        if zero and variant:
+            out.append(
+                compare(
+                    f"{prefix}_vs_zero_shot",
+                    f"{label} vs zero-shot RAG",
+                    "exact_match",
+                    seed_average(variant),
+                    seed_average([zero]),
+                    ev,
+                    len(variant),
+                    TARGETS["ralt_vs_zero_shot"],
+                )
+            )
+    ralt_2k = rows("ralt_2k_s")
+    if ralt and ralt_2k:
         out.append(
             compare(
-                "ralt_mlp_vs_zero_shot",
-                "RALT (LoRA on attention + MLP) vs zero-shot RAG",
+                "ralt_2k_vs_ralt",
+                f"RALT on {8 * args.epoch_steps:,} vs 800 questions",
                 "exact_match",
-                seed_average(ralt_mlp),
-                seed_average([zero]),
+                seed_average(ralt_2k),
+                seed_average(ralt),
                 ev,
-                len(ralt_mlp),
-                TARGETS["ralt_vs_zero_shot"],
+                min(len(ralt), len(ralt_2k)),
+                None,
             )
         )
     lsr, lsr_only = done.get("lsr_s0"), done.get("lsr_only_s0")
@@ -665,6 +695,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--eval", type=int, default=1000, help="validation questions")
     ap.add_argument("--steps", type=int, default=100, help="centralized RALT / LSR steps")
+    ap.add_argument(
+        "--epoch-steps",
+        type=int,
+        default=250,
+        help="ralt_2k_s* rows' steps: one pass over squad's 2,000 training questions in 8s",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--local-steps", type=int, default=4)
     ap.add_argument("--client-questions", type=int, default=100)

@@ -27,7 +27,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-MAX_HEADLINE_ROWS = 10
+MAX_HEADLINE_ROWS = 12
 
 Doc = dict[str, Any]
 
