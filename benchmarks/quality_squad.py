@@ -768,6 +768,7 @@ def publish(
     import torch
 
     commands = row_commands(done)  # read each row.json once
+    comps = comparisons(done, args)
     path = write_result(
         "quality_squad",
         {
@@ -786,14 +787,67 @@ def publish(
             "torch_threads": torch.get_num_threads(),
             "matmul_peak_flops": peak,
             "rows": summary_rows,
-            "comparisons": comparisons(done, args),
+            "comparisons": comps,
             "throughput": thr,
             "missing_rows": [r.name for r in rows if r.name not in done],
             **({"command": " ; ".join(commands)} if commands else {}),
         },
         **({"out_dir": args.out} if args.out else {}),
     )
-    print(f"wrote {path}", flush=True)
+    plot(summary_rows, comps, path.with_suffix(".png"))
+    print(f"wrote {path} and its figure", flush=True)
+
+
+# the left panel's order: baseline, the federated story, then the centralized variants
+PLOT_ORDER = ("zero_shot", "local", "fed", "fedm", "central_eq", "ralt", "ralt_mlp", "ralt_2k")
+PLOT_ORDER += ("lsr", "lsr_only")
+FEDERATED_STORY = {"local", "fed", "fedm", "central_eq"}
+
+
+def plot(summary: dict[str, dict], comps: list[dict[str, Any]], path: Path) -> None:
+    """Left: each run's EM with its 95% interval (seed-averaged; local-only averaged over
+    the clients). Right: each paired comparison with its interval and its target, so a
+    reader sees at once which intervals clear their target and which do not."""
+    from harness.plots import figure, save
+
+    keys = [k for k in PLOT_ORDER if k in summary] + [k for k in summary if k not in PLOT_ORDER]
+    fig, (left, right) = figure(2, size=(13, 0.5 * max(len(keys), len(comps)) + 1.5))
+    for i, key in enumerate(keys):
+        em = summary[key]["metrics"]["exact_match"]
+        colour = "tab:orange" if key in FEDERATED_STORY else "tab:blue"
+        err = [[em["mean"] - em["lo"]], [em["hi"] - em["mean"]]]
+        left.barh(i, em["mean"], xerr=err, color=colour, capsize=3)
+        left.text(em["hi"] + 0.005, i, f"{em['mean']:.3f}", va="center", fontsize=7)
+    left.set_yticks(
+        range(len(keys)), [f"{summary[k]['label']} ({summary[k]['seeds']})" for k in keys]
+    )
+    left.invert_yaxis()
+    left.set_xlim(0, max(summary[k]["metrics"]["exact_match"]["hi"] for k in keys) + 0.06)
+    left.set_xlabel("exact match, validation articles (95% interval; runs averaged)")
+    left.tick_params(axis="y", labelsize=7)
+    left.grid(alpha=0.3, axis="x")
+    left.set_title("EM per row; (n) = seeds, or clients for local-only", fontsize=9)
+    for i, c in enumerate(comps):
+        colour = "tab:green" if c.get("met") else ("tab:red" if c.get("target") else "grey")
+        right.errorbar(
+            c["diff"],
+            i,
+            xerr=[[c["diff"] - c["lo"]], [c["hi"] - c["diff"]]],
+            fmt="o",
+            color=colour,
+            capsize=3,
+        )
+        if c.get("target"):
+            t = float(c["target"].split()[-1])
+            right.plot([t, t], [i - 0.35, i + 0.35], color="black", lw=2)
+    right.axvline(0, color="grey", lw=0.8)
+    right.set_yticks(range(len(comps)), [c["label"] for c in comps])
+    right.invert_yaxis()
+    right.tick_params(axis="y", labelsize=7)
+    right.set_xlabel("paired difference (95% interval); black tick: target")
+    right.grid(alpha=0.3, axis="x")
+    right.set_title("paired comparisons: green = target met, red = missed", fontsize=9)
+    save(fig, path)
 
 
 if __name__ == "__main__":
