@@ -719,7 +719,7 @@ def main() -> None:
         "--epoch-steps",
         type=int,
         default=250,
-        help="ralt_2k_s* rows' steps: one pass over squad's 2,000 training questions in 8s",
+        help="ralt_2k_s* rows' steps: one pass over squad's 2,000 questions, batches of 8",
     )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--local-steps", type=int, default=4)
@@ -820,7 +820,7 @@ def publish(
 
 # the left panel's order: baseline, the federated story, then the centralized variants
 PLOT_ORDER = ("zero_shot", "local", "fed", "fedm", "central_eq", "ralt", "ralt_mlp", "ralt_2k")
-PLOT_ORDER += ("lsr", "lsr_only")
+PLOT_ORDER += ("ralt_4k", "lsr", "lsr_only")
 FEDERATED_STORY = {"local", "fed", "fedm", "central_eq"}
 
 
