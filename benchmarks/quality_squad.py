@@ -680,6 +680,13 @@ def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def row_threads(name: str) -> int | None:
+    """The ``--threads`` the row ran with, from the command its ``row.json`` records."""
+    meta = RUNS / name / "row.json"
+    words = json.loads(meta.read_text()).get("command", "").split() if meta.exists() else []
+    return int(words[words.index("--threads") + 1]) if "--threads" in words else None
+
+
 def throughput(done: dict[str, dict[str, Any]], params: float) -> dict[str, Any]:
     """Training tokens/s and evaluated questions/s per centralized row. Achieved FLOP/s:
     4 N per trained token (forward 2N, backward through the frozen base 2N: LoRA needs no
@@ -780,12 +787,18 @@ def publish(
     }
     n_params = 134_515_008 - 49_152 * 576  # SmolLM2-135M without its tied embedding
     thr = throughput(done, n_params)
-    for row in thr.values():
+    import torch
+
+    for name, row in thr.items():
+        # the peak is measured with this process's threads: a share of it only means
+        # something for a row that ran with as many (ralt_4k_s0 ran on both cores)
+        row["threads"] = row_threads(name)
+        if row["threads"] != torch.get_num_threads():
+            continue
         for k in ("train_flops_per_s", "eval_flops_per_s"):
             if k in row:
                 row[k.replace("flops_per_s", "share_of_bf16_peak")] = row[k] / peak["bf16"]
                 row[k.replace("flops_per_s", "share_of_fp32_peak")] = row[k] / peak["fp32"]
-    import torch
 
     commands = row_commands(done)  # read each row.json once
     comps = comparisons(done, args)
