@@ -520,12 +520,9 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
                 after_metric="exact_match",
             )
         )
-    variants = {
-        "ralt_mlp": "RALT (LoRA on attention + MLP)",
-        "ralt_2k": f"RALT ({8 * args.epoch_steps:,} questions, {args.epoch_steps} steps)",
-        "ralt_4k": "RALT (4,000 questions, 500 steps)",
-    }
-    for prefix, label in variants.items():
+    label_of = {r.name.rsplit("_s", 1)[0]: r.label for r in all_rows(args)}
+    for prefix in ("ralt_mlp", "ralt_2k", "ralt_4k"):
+        label = label_of[prefix]
         variant = rows(f"{prefix}_s")
         if zero and variant:
             # a target is judged on >= 3 training seeds, as the headline comparisons are
@@ -832,8 +829,10 @@ def publish(
 
 
 # the left panel's order: baseline, the federated story, then the centralized variants
-PLOT_ORDER = ("zero_shot", "local", "fed", "fedm", "central_eq", "ralt", "ralt_mlp", "ralt_2k")
-PLOT_ORDER += ("ralt_4k", "lsr", "lsr_only")
+PLOT_ORDER = (
+    *("zero_shot", "local", "fed", "fedm", "central_eq"),
+    *("ralt", "ralt_mlp", "ralt_2k", "ralt_4k", "lsr", "lsr_only"),
+)
 FEDERATED_STORY = {"local", "fed", "fedm", "central_eq"}
 
 
