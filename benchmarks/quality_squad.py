@@ -18,6 +18,7 @@ unchanged is reused, so an interrupted benchmark continues where it stopped):
   (gate/up/down), what QLoRA found a small adapter needs to match full fine-tuning;
   ``ralt_2k_s<seed>``: RALT for ``--epoch-steps`` (one pass over the config's 2,000
   training questions instead of 800), whether more labelled questions lift the reader;
+  ``ralt_4k_s<seed>``: the same over 4,000 questions (500 steps; no closed-book);
 - ``lsr_s0``: LSR on the query encoder's LoRA with the RALT-trained generator
   (``ralt_s0``) as the teacher, evaluated with that generator — RA-DIT's two stages, both
   components tuned; ``lsr_only_s0`` evaluates the same retriever with the base generator;
@@ -570,20 +571,27 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
                     target,
                 )
             )
-    ralt_2k = rows("ralt_2k_s")
-    if ralt and ralt_2k:
-        out.append(
-            compare(
-                "ralt_2k_vs_ralt",
-                f"RALT on {8 * args.epoch_steps:,} vs 800 questions",
-                "exact_match",
-                seed_average(ralt_2k),
-                seed_average(ralt),
-                ev,
-                min(len(ralt), len(ralt_2k)),
-                None,
+    # more labelled questions, step by step (each row one pass over them, batches of 8)
+    ralt_2k, ralt_4k = rows("ralt_2k_s"), rows("ralt_4k_s")
+    steps = {r.name.rsplit("_s", 1)[0]: r.overrides["train.max_steps"] for r in all_rows(args)}
+    questions = {k: f"{8 * steps[k]:,}" for k in ("ralt", "ralt_2k", "ralt_4k")}
+    for more, fewer, a, b in (
+        ("ralt_2k", "ralt", ralt_2k, ralt),
+        ("ralt_4k", "ralt_2k", ralt_4k, ralt_2k),
+    ):
+        if a and b:
+            out.append(
+                compare(
+                    f"{more}_vs_{fewer}",
+                    f"RALT on {questions[more]} vs {questions[fewer]} questions",
+                    "exact_match",
+                    seed_average(a),
+                    seed_average(b),
+                    ev,
+                    min(len(a), len(b)),
+                    None,
+                )
             )
-        )
     lsr, lsr_only = done.get("lsr_s0"), done.get("lsr_only_s0")
     if zero and lsr:
         z, lq = seed_average([zero]), seed_average([lsr])
