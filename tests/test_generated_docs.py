@@ -103,7 +103,7 @@ def test_squad_renderer_and_headline(tmp_path: Path) -> None:
     assert table.count("Test CPU, 2 cores") == 1 and table.count("2026-12-05") == 1
 
 
-def test_headline_keeps_at_most_twelve_figures(tmp_path: Path) -> None:
+def test_headline_keeps_at_most_max_headline_rows_figures(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
     doc = json.loads(FIXTURE.read_text())
@@ -150,10 +150,10 @@ def test_headline_falls_back_to_pubmedqa_until_squad_has_comparisons(tmp_path: P
 
 
 def test_readme_headline_never_cuts_a_comparison_with_a_target():
-    """Thirteen comparisons, the last with a target: the untargeted one makes room for it."""
-    comps = [{"name": f"c{i}", "target": ">= +0.05"} for i in range(11)]
+    """One comparison too many, the last with a target: the untargeted one makes room."""
+    comps = [{"name": f"c{i}", "target": ">= +0.05"} for i in range(report.MAX_HEADLINE_ROWS - 1)]
     comps += [{"name": "f1", "target": None}, {"name": "fed_vs_central", "target": ">= -0.03"}]
     kept = [c["name"] for c in report._headline_comparisons(comps)]
-    assert len(kept) == report.MAX_HEADLINE_ROWS == 12
+    assert len(kept) == report.MAX_HEADLINE_ROWS
     assert "fed_vs_central" in kept and "f1" not in kept
     assert kept == [c["name"] for c in comps if c["name"] != "f1"]  # order kept
