@@ -887,7 +887,7 @@ def plot(summary: dict[str, dict], comps: list[dict[str, Any]], path: Path) -> N
     from harness.plots import figure, save
 
     keys = [k for k in PLOT_ORDER if k in summary] + [k for k in summary if k not in PLOT_ORDER]
-    fig, (left, right) = figure(2, size=(13, 0.5 * max(len(keys), len(comps)) + 1.5))
+    fig, (left, right) = figure(2, size=(17, 0.5 * max(len(keys), len(comps)) + 1.5))
     for i, key in enumerate(keys):
         em = summary[key]["metrics"]["exact_match"]
         colour = "tab:orange" if key in FEDERATED_STORY else "tab:blue"
