@@ -107,7 +107,7 @@ def test_headline_keeps_at_most_max_headline_rows_figures(tmp_path: Path) -> Non
     results = tmp_path / "results"
     results.mkdir()
     doc = json.loads(FIXTURE.read_text())
-    doc["comparisons"] = doc["comparisons"] * 4
+    doc["comparisons"] = doc["comparisons"] * report.MAX_HEADLINE_ROWS  # more than fit
     (results / "quality_squad.json").write_text(json.dumps(doc))
     rows = [ln for ln in report.headline(results).splitlines() if ln.startswith("| ")]
     assert len(rows) - 1 == report.MAX_HEADLINE_ROWS  # minus the header
