@@ -56,6 +56,7 @@ from harness import REPO, offline_env, write_result
 
 RUNS = REPO / "runs" / "quality_squad"  # --runs
 STORE = REPO / "runs" / "stores" / "squad"  # --runs/../stores/squad with --runs
+TARGET_SEEDS = 3  # a target is judged on this many training seeds or more
 TARGETS = {
     "ralt_vs_zero_shot": 0.25,
     "ralt_rag_vs_closed_book": 0.15,
@@ -551,14 +552,14 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
                 after_metric="exact_match",
             )
         )
-    label_of = {r.name.rsplit("_s", 1)[0]: r.label for r in all_rows(args)}
+    defined = {r.name.rsplit("_s", 1)[0]: r for r in all_rows(args)}  # one per family
     for prefix in ("ralt_mlp", "ralt_2k", "ralt_4k"):
-        label = label_of[prefix]
+        label = defined[prefix].label
         variant = rows(f"{prefix}_s")
         if zero and variant:
-            # a target is judged on >= 3 training seeds, as the headline comparisons are
-            target = TARGETS["ralt_vs_zero_shot"] if len(variant) >= 3 else None
-            label = label if len(variant) >= 3 else f"{label}, {len(variant)} seed"
+            enough = len(variant) >= TARGET_SEEDS
+            target = TARGETS["ralt_vs_zero_shot"] if enough else None
+            label = label if enough else f"{label}, {len(variant)} seed"
             out.append(
                 compare(
                     f"{prefix}_vs_zero_shot",
@@ -573,8 +574,10 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
             )
     # more labelled questions, step by step (each row one pass over them, batches of 8)
     ralt_2k, ralt_4k = rows("ralt_2k_s"), rows("ralt_4k_s")
-    steps = {r.name.rsplit("_s", 1)[0]: r.overrides["train.max_steps"] for r in all_rows(args)}
-    questions = {k: f"{8 * steps[k]:,}" for k in ("ralt", "ralt_2k", "ralt_4k")}
+    questions = {
+        k: f"{8 * defined[k].overrides['train.max_steps']:,}"
+        for k in ("ralt", "ralt_2k", "ralt_4k")
+    }
     for more, fewer, a, b in (
         ("ralt_2k", "ralt", ralt_2k, ralt),
         ("ralt_4k", "ralt_2k", ralt_4k, ralt_2k),
@@ -640,7 +643,7 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
     central, local = rows("central_eq_s"), rows("local_c")
     short = {"fed": "federated", "fedm": "FedAvgM"}
     for name in ("fed", "fedm", "fedmom_r10", "fedmom_r20"):
-        label = short.get(name) or label_of[name]
+        label = short.get(name) or defined[name].label
         out += _federated_comparisons(name, label, rows(f"{name}_s"), central, local, ev)
     return out
 
@@ -655,11 +658,11 @@ def _federated_comparisons(
 ) -> list[dict]:
     """``<name>_vs_local_mean`` / ``_vs_local_worst`` / ``_vs_central`` for one federation
     (the targets are the issue's, whichever strategy the federation uses, and are judged
-    on >= 3 training seeds: fewer are shown beside them, with their count)."""
+    on ``TARGET_SEEDS`` training seeds: fewer are shown beside them, with their count)."""
     out: list[dict] = []
-    if len(fed) < 3:
-        label = f"{label}, {len(fed)} seed"
-    target = {k: v if len(fed) >= 3 else None for k, v in TARGETS.items()}
+    enough = len(fed) >= TARGET_SEEDS
+    label = label if enough else f"{label}, {len(fed)} seed"
+    target = {k: v if enough else None for k, v in TARGETS.items()}
     if fed and local:
         f, l_ = seed_average(fed), seed_average(local)
         out.append(
