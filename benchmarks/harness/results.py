@@ -4,6 +4,7 @@ file), provenance first."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ from .provenance import provenance
 
 
 def write_json(path: Path, obj: Any, indent: int = 2) -> Path:
-    """``obj`` as JSON at ``path``, through a temporary file renamed over it."""
+    """``obj`` as JSON at ``path``, through a temporary file renamed over it (one per
+    process: two benchmark rows run side by side publish the same file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=indent, default=str))
     tmp.replace(path)
     return path
