@@ -19,6 +19,7 @@ unchanged is reused, so an interrupted benchmark continues where it stopped):
   ``ralt_2k_s<seed>``: RALT for ``--epoch-steps`` (one pass over the config's 2,000
   training questions instead of 800), whether more labelled questions lift the reader;
   ``ralt_4k_s<seed>``: the same over 4,000 questions (500 steps; no closed-book);
+  ``ralt_8k_s<seed>``: over 8,000 questions (1,000 steps; no closed-book);
 - ``lsr_s0``: LSR on the query encoder's LoRA with the RALT-trained generator
   (``ralt_s0``) as the teacher, evaluated with that generator — RA-DIT's two stages, both
   components tuned; ``lsr_only_s0`` evaluates the same retriever with the base generator;
@@ -52,10 +53,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import REPO, offline_env, write_result
+from harness import REPO, RESULTS, offline_env, write_result
+from harness.scores import read_scores, write_scores
 
 RUNS = REPO / "runs" / "quality_squad"  # --runs
 STORE = REPO / "runs" / "stores" / "squad"  # --runs/../stores/squad with --runs
+# every row's per-question scores, committed: comparisons outlive the run directories
+SCORES = RESULTS / "quality_squad_scores"  # --out/quality_squad_scores with --out
 TARGET_SEEDS = 3  # a target is judged on this many training seeds or more
 TARGETS = {
     "ralt_vs_zero_shot": 0.25,
@@ -220,6 +224,23 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
         )
         for s in seeds
     ]
+    # the next doubling (1,000 steps): 800 -> 2,000 -> 4,000 added 1.5-2 EM points each
+    rows += [
+        Row(
+            f"ralt_8k_s{s}",
+            "RALT, 8,000 questions (1,000 steps)",
+            "train",
+            {
+                **base,
+                "seed": s,
+                "eval.before": False,
+                "eval.closed_book": False,
+                "data.max_train": 8000,
+                "train.max_steps": 1000,
+            },
+        )
+        for s in seeds
+    ]
     # FedAvgM as its paper runs it (server lr 1, momentum 0.9) over more, shorter rounds at
     # the same total steps: momentum carries the clients' common direction from round to
     # round instead of scaling one round's noisy delta, which is what server lr 4 did
@@ -273,7 +294,11 @@ def _config(row: Row) -> Any:
 
 
 def _fingerprint(row: Row, cfg: Any) -> str:
+    """The row's resolved config, hashed. The store's path is where this checkout keeps
+    it, not what it holds (the corpus and retriever are in the config), so it is left out:
+    a stored row's scores are read back on any machine whose config resolves the same."""
     doc = json.dumps({"kind": row.kind, "client": row.client, "cfg": cfg.model_dump(mode="json")})
+    doc = doc.replace(json.dumps(str(STORE))[1:-1], "<store>")
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
@@ -363,16 +388,42 @@ RUNNERS: dict[str, Callable[[Row, Any, Path], dict[str, Any]]] = {
 }
 
 
+def row_fingerprint(row: Row) -> str:
+    return _fingerprint(row, _config(row) if row.kind != "federated" else _fed_config_of(row))
+
+
+def load_row(row: Row) -> dict[str, Any] | None:
+    """A row's results without running it: its run directory, else its stored scores
+    (``SCORES``), when either was made with the row's current config; ``command`` is the
+    command that ran it."""
+    run_dir, fingerprint = RUNS / row.name, row_fingerprint(row)
+    if _reusable(run_dir, fingerprint):
+        res = json.loads((run_dir / "results.json").read_text())
+        res["command"] = json.loads((run_dir / "row.json").read_text()).get("command", "")
+        store_scores(row.name, fingerprint, res)  # a run from before SCORES existed
+        return res
+    return read_scores(SCORES, row.name, fingerprint)
+
+
+def store_scores(name: str, fingerprint: str, res: dict[str, Any]) -> None:
+    if read_scores(SCORES, name, fingerprint) is None:
+        write_scores(
+            SCORES, name, fingerprint, res["command"], res["eval_ids"], per_question(res), res
+        )
+
+
 def run_row(row: Row) -> dict[str, Any]:
-    """The row's results (from its run directory when its config is unchanged)."""
+    """The row's results (from its run directory or stored scores when its config is
+    unchanged)."""
     from fedrag_ray.atomic import atomic_write_json
 
     cfg = _config(row) if row.kind != "federated" else _fed_config_of(row)
     run_dir = RUNS / row.name
     fingerprint = _fingerprint(row, cfg)
-    if _reusable(run_dir, fingerprint):
-        print(f"[{row.name}] reusing {run_dir}", flush=True)
-        return json.loads((run_dir / "results.json").read_text())
+    known = load_row(row)
+    if known is not None:
+        print(f"[{row.name}] reusing its results (config unchanged)", flush=True)
+        return known
     for dep in row.needs:
         if not (RUNS / dep / "results.json").exists():
             raise RuntimeError(f"row {row.name} needs row {dep}: run it first")
@@ -387,7 +438,10 @@ def run_row(row: Row) -> dict[str, Any]:
         {"fingerprint": fingerprint, "name": row.name, "command": _command()},
     )
     print(f"[{row.name}] done in {res['wall_s']:.0f}s: {_brief(res)}", flush=True)
-    return json.loads((run_dir / "results.json").read_text())
+    res = json.loads((run_dir / "results.json").read_text())
+    res["command"] = _command()
+    store_scores(row.name, fingerprint, res)
+    return res
 
 
 def _command() -> str:
@@ -400,9 +454,8 @@ def row_commands(done: dict[str, dict[str, Any]]) -> list[str]:
     """The commands that ran the published rows (a ``--summary-only`` publish names
     them, not itself)."""
     out: list[str] = []
-    for name in done:
-        meta = RUNS / name / "row.json"
-        cmd = json.loads(meta.read_text()).get("command") if meta.exists() else None
+    for res in done.values():
+        cmd = res.get("command")
         if cmd and cmd not in out:
             out.append(cmd)
     return out
@@ -553,7 +606,7 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
             )
         )
     defined = {r.name.rsplit("_s", 1)[0]: r for r in all_rows(args)}  # one per family
-    for prefix in ("ralt_mlp", "ralt_2k", "ralt_4k"):
+    for prefix in ("ralt_mlp", "ralt_2k", "ralt_4k", "ralt_8k"):
         label = defined[prefix].label
         variant = rows(f"{prefix}_s")
         if zero and variant:
@@ -573,14 +626,15 @@ def comparisons(done: dict[str, dict[str, Any]], args: argparse.Namespace) -> li
                 )
             )
     # more labelled questions, step by step (each row one pass over them, batches of 8)
-    ralt_2k, ralt_4k = rows("ralt_2k_s"), rows("ralt_4k_s")
+    ralt_2k, ralt_4k, ralt_8k = rows("ralt_2k_s"), rows("ralt_4k_s"), rows("ralt_8k_s")
     questions = {
         k: f"{8 * defined[k].overrides['train.max_steps']:,}"
-        for k in ("ralt", "ralt_2k", "ralt_4k")
+        for k in ("ralt", "ralt_2k", "ralt_4k", "ralt_8k")
     }
     for more, fewer, a, b in (
         ("ralt_2k", "ralt", ralt_2k, ralt),
         ("ralt_4k", "ralt_2k", ralt_4k, ralt_2k),
+        ("ralt_8k", "ralt_4k", ralt_8k, ralt_4k),
     ):
         if a and b:
             out.append(
@@ -724,10 +778,9 @@ def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def row_threads(name: str) -> int | None:
-    """The ``--threads`` the row ran with, from the command its ``row.json`` records."""
-    meta = RUNS / name / "row.json"
-    words = json.loads(meta.read_text()).get("command", "").split() if meta.exists() else []
+def row_threads(command: str) -> int | None:
+    """The ``--threads`` a row ran with, from the command that ran it."""
+    words = command.split()
     return int(words[words.index("--threads") + 1]) if "--threads" in words else None
 
 
@@ -779,14 +832,22 @@ def main() -> None:
     ap.add_argument("--server-momentum", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--summary-only", action="store_true", help="summarise the runs done")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="publish only rows with runs or stored scores (default: keep the published "
+        "rows and comparisons that cannot be recomputed, marked as carried)",
+    )
     ap.add_argument("--max-articles", type=int, default=None, help="smoke runs: fewer articles")
     ap.add_argument("--runs", type=Path, default=None, help="run directories (smoke runs)")
     ap.add_argument("--out", type=Path, default=None, help="result folder (smoke runs)")
     args = ap.parse_args()
     offline_env()
-    global RUNS, STORE
+    global RUNS, STORE, SCORES
     if args.runs:
         RUNS, STORE = args.runs, args.runs / "stores" / "squad"
+    if args.out:
+        SCORES = args.out / "quality_squad_scores"
     import torch
 
     if args.threads:
@@ -800,12 +861,10 @@ def main() -> None:
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     done: dict[str, dict[str, Any]] = {}
     for row in rows:
-        run_dir = RUNS / row.name
         wanted = (args.only is None or row.name in args.only) and not args.summary_only
-        if wanted:
-            done[row.name] = run_row(row)
-        elif (run_dir / "results.json").exists() and (run_dir / "row.json").exists():
-            done[row.name] = json.loads((run_dir / "results.json").read_text())
+        known = run_row(row) if wanted else load_row(row)
+        if known is not None:
+            done[row.name] = known
         if done:
             publish(done, rows, args, peak)
 
@@ -836,7 +895,7 @@ def publish(
     for name, row in thr.items():
         # the peak is measured with this process's threads: a share of it only means
         # something for a row that ran with as many (ralt_4k_s0 ran on both cores)
-        row["threads"] = row_threads(name)
+        row["threads"] = row_threads(done[name].get("command", ""))
         if row["threads"] != torch.get_num_threads():
             continue
         for k in ("train_flops_per_s", "eval_flops_per_s"):
@@ -844,8 +903,12 @@ def publish(
                 row[k.replace("flops_per_s", "share_of_bf16_peak")] = row[k] / peak["bf16"]
                 row[k.replace("flops_per_s", "share_of_fp32_peak")] = row[k] / peak["fp32"]
 
-    commands = row_commands(done)  # read each row.json once
+    commands = row_commands(done)
     comps = comparisons(done, args)
+    result = (args.out or RESULTS) / "quality_squad.json"
+    previous = json.loads(result.read_text()) if result.exists() and not args.fresh else None
+    carried = carry_published(previous, summary_rows, comps, thr)
+    comps.sort(key=comparison_rank)
     path = write_result(
         "quality_squad",
         {
@@ -866,7 +929,10 @@ def publish(
             "rows": summary_rows,
             "comparisons": comps,
             "throughput": thr,
-            "missing_rows": [r.name for r in rows if r.name not in done],
+            "missing_rows": [
+                r.name for r in rows if r.name not in done and r.name not in carried["rows"]
+            ],
+            **({"carried": carried} if carried["rows"] or carried["comparisons"] else {}),
             **({"command": " ; ".join(commands)} if commands else {}),
         },
         **({"out_dir": args.out} if args.out else {}),
@@ -875,10 +941,60 @@ def publish(
     print(f"wrote {path} and its figure", flush=True)
 
 
+# the comparisons' order, by the family their name starts with (the longest that fits)
+COMPARISON_ORDER = (
+    *("ralt", "ralt_f1", "ralt_rag", "ralt_mlp", "ralt_2k", "ralt_4k", "ralt_8k"),
+    *("lsr", "radit", "fed", "fedm", "fedmom_r10", "fedmom_r20"),
+)
+
+
+def comparison_rank(comparison: dict[str, Any]) -> int:
+    fits = [f for f in COMPARISON_ORDER if comparison["name"].startswith(f"{f}_")]
+    return COMPARISON_ORDER.index(max(fits, key=len)) if fits else len(COMPARISON_ORDER)
+
+
+def carry_published(
+    previous: dict[str, Any] | None,
+    summary_rows: dict[str, dict],
+    comps: list[dict],
+    thr: dict[str, dict],
+) -> dict[str, Any]:
+    """Keep what an earlier publish showed and this one cannot recompute: rows whose runs
+    and scores are gone (published before their per-question scores were kept), and the
+    comparisons built on them. ``summary_rows``, ``comps`` and ``thr`` gain them in place
+    (to be put in ``COMPARISON_ORDER``); the returned record says what was carried
+    and from which publish, so nothing is passed off as re-measured."""
+    record: dict[str, Any] = {"rows": [], "comparisons": [], "from": []}
+    if not previous:
+        return record
+    stamp = {"commit": previous.get("commit"), "date": previous.get("date")}
+    earlier = previous.get("carried") or {}
+    for key, row in (previous.get("rows") or {}).items():
+        if key not in summary_rows:
+            summary_rows[key] = row
+            record["rows"] += row.get("rows") or []
+    for name in record["rows"]:
+        if name in (previous.get("throughput") or {}) and name not in thr:
+            thr[name] = previous["throughput"][name]
+    fresh = {c["name"] for c in comps}
+    for c in previous.get("comparisons") or []:
+        if c["name"] not in fresh:
+            comps.append(c)
+            record["comparisons"].append(c["name"])
+    # the publishes they were measured for: an older carry keeps its own origin, and the
+    # previous publish joins it when something it measured itself is carried now
+    record["from"] = list(earlier.get("from") or [])
+    own = set(record["rows"]) - set(earlier.get("rows") or [])
+    own |= set(record["comparisons"]) - set(earlier.get("comparisons") or [])
+    if own:
+        record["from"].append({**stamp, "command": previous.get("command", "")})
+    return record
+
+
 # the left panel's order: baseline, the federated story, then the centralized variants
 PLOT_ORDER = (
     *("zero_shot", "local", "fed", "fedm", "fedmom_r10", "fedmom_r20", "central_eq"),
-    *("ralt", "ralt_mlp", "ralt_2k", "ralt_4k", "lsr", "lsr_only"),
+    *("ralt", "ralt_mlp", "ralt_2k", "ralt_4k", "ralt_8k", "lsr", "lsr_only"),
 )
 FEDERATED_STORY = {"local", "fed", "fedm", "fedmom_r10", "fedmom_r20", "central_eq"}
 

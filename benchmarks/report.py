@@ -229,6 +229,16 @@ def render_quality_squad(doc: Doc) -> str:
         )
     if doc.get("missing_rows"):
         out.append(f"\nNot run (yet): {', '.join(doc['missing_rows'])}.\n")
+    carried = doc.get("carried") or {}
+    if carried.get("rows") or carried.get("comparisons"):
+        origins = "; ".join(f"{o.get('commit')} ({o.get('date')})" for o in carried.get("from", []))
+        out.append(
+            "\nShown as an earlier publish measured them, not recomputed here (their runs "
+            "predate the stored per-question scores): rows "
+            f"{', '.join(carried.get('rows') or []) or 'none'}; comparisons "
+            f"{', '.join(carried.get('comparisons') or []) or 'none'}. Measured for: "
+            f"{origins}.\n"
+        )
     return "".join(out)
 
 
