@@ -967,7 +967,7 @@ def carry_published(
     record: dict[str, Any] = {"rows": [], "comparisons": [], "from": []}
     if not previous:
         return record
-    stamp = {"commit": previous.get("commit"), "date": previous.get("date")}
+    stamp = {k: previous.get(k) for k in ("commit", "date", "machine")}
     earlier = previous.get("carried") or {}
     for key, row in (previous.get("rows") or {}).items():
         if key not in summary_rows:

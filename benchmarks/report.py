@@ -138,6 +138,18 @@ def _sci(x: Any) -> str:
     return f"{x:.3g}" if isinstance(x, float) else num(x)
 
 
+def _carried(doc: Doc) -> str:
+    """Where the figures a publish carried (could not recompute) were published, or ''."""
+    carried = doc.get("carried") or {}
+    if not (carried.get("rows") or carried.get("comparisons")):
+        return ""
+    origins = "; ".join(
+        f"{date_of(o)[:10]} on {host_of(o)} (commit {o.get('commit')})"
+        for o in carried.get("from", [])
+    )
+    return f"Carried figures as published {origins}"
+
+
 def render_quality_squad(doc: Doc) -> str:
     rows = doc.get("rows") or {}
     metrics: list[str] = []
@@ -229,15 +241,13 @@ def render_quality_squad(doc: Doc) -> str:
         )
     if doc.get("missing_rows"):
         out.append(f"\nNot run (yet): {', '.join(doc['missing_rows'])}.\n")
-    carried = doc.get("carried") or {}
-    if carried.get("rows") or carried.get("comparisons"):
-        origins = "; ".join(f"{o.get('commit')} ({o.get('date')})" for o in carried.get("from", []))
+    if _carried(doc):
+        carried = doc["carried"]
         out.append(
-            "\nShown as an earlier publish measured them, not recomputed here (their runs "
-            "predate the stored per-question scores): rows "
+            "\nShown as an earlier publish gave them, not recomputed here (their runs predate "
+            "the stored per-question scores): rows "
             f"{', '.join(carried.get('rows') or []) or 'none'}; comparisons "
-            f"{', '.join(carried.get('comparisons') or []) or 'none'}. Measured for: "
-            f"{origins}.\n"
+            f"{', '.join(carried.get('comparisons') or []) or 'none'}. {_carried(doc)}.\n"
         )
     return "".join(out)
 
@@ -869,9 +879,11 @@ def headline(results: Path = RESULTS) -> str:
         doc = json.loads((results / "quality_pubmedqa.json").read_text())
         rows, caption = _pubmedqa_headline(doc)
         header = ["figure", "measured", "target", "met"]
+    measured = "Measured" if not _carried(doc) else "New figures measured"
     caption += (
-        f". Measured on {host_of(doc)}, {date_of(doc)[:10]}, with `{doc.get('command')}`; "
-        "all figures and their provenance: [docs/benchmarks.md](docs/benchmarks.md)."
+        f". {measured} on {host_of(doc)}, {date_of(doc)[:10]}, with `{doc.get('command')}`"
+        + (f"; {_carried(doc)[0].lower()}{_carried(doc)[1:]}" if _carried(doc) else "")
+        + "; all figures and their provenance: [docs/benchmarks.md](docs/benchmarks.md)."
     )
     return table(header, rows) + f"\n{caption}\n"
 

@@ -130,6 +130,7 @@ def test_a_publish_keeps_what_it_cannot_recompute_marked_as_carried(quality_squa
         "commit": "abc1234",
         "date": "2026-12-06T04:40:17+00:00",
         "command": "python benchmarks/quality_squad.py --only ralt_s0",
+        "machine": {"cpu_model": "AMD EPYC"},
         "rows": {"zero_shot": {"rows": ["zero_shot"]}, "ralt": {"rows": ["ralt_s0"]}},
         "comparisons": [{"name": "ralt_vs_zero_shot"}, {"name": "ralt_2k_vs_ralt"}],
         "throughput": {"ralt_s0": {"train_tokens_per_s": 100.0}, "zero_shot": {"x": 1.0}},
@@ -150,12 +151,15 @@ def test_a_publish_keeps_what_it_cannot_recompute_marked_as_carried(quality_squa
     assert record["rows"] == ["ralt_s0"]
     assert record["comparisons"] == ["ralt_vs_zero_shot", "ralt_2k_vs_ralt"]
     assert record["from"] == [
-        {"commit": "abc1234", "date": previous["date"], "command": previous["command"]}
+        {
+            "commit": "abc1234",
+            "date": previous["date"],
+            "machine": {"cpu_model": "AMD EPYC"},
+            "command": previous["command"],
+        }
     ]
     # carried again by the next publish: it still names the publish that measured them
     again = quality_squad.carry_published(
         {**previous, "commit": "def5678", "carried": record}, {}, [], {}
     )
-    assert again["from"] == record["from"] + [
-        {"commit": "def5678", "date": previous["date"], "command": previous["command"]}
-    ]
+    assert again["from"] == record["from"] + [{**record["from"][0], "commit": "def5678"}]

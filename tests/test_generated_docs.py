@@ -103,6 +103,25 @@ def test_squad_renderer_and_headline(tmp_path: Path) -> None:
     assert table.count("Test CPU, 2 cores") == 1 and table.count("2026-12-05") == 1
 
 
+def test_carried_figures_are_named_with_the_publish_they_came_from(tmp_path: Path) -> None:
+    """Figures a publish could not recompute are not passed off as measured with it."""
+    results = tmp_path / "results"
+    results.mkdir()
+    doc = json.loads(FIXTURE.read_text())
+    doc["carried"] = {
+        "rows": ["central_ralt_s0"],
+        "comparisons": ["ralt_vs_zero_shot"],
+        "from": [{"commit": "abc1234", "date": "2026-11-30T10:00:00+00:00", "machine": {}}],
+    }
+    (results / "quality_squad.json").write_text(json.dumps(doc))
+    section = report.render_docs(results)
+    assert "not recomputed here" in section and "comparisons ralt_vs_zero_shot." in section
+    table = report.headline(results)
+    assert "New figures measured on Test CPU" in table
+    assert "carried figures as published 2026-11-30 on CPU model not recorded" in table
+    assert "(commit abc1234)" in table
+
+
 def test_headline_keeps_at_most_max_headline_rows_figures(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
