@@ -139,7 +139,8 @@ def _sci(x: Any) -> str:
 
 
 def _carried(doc: Doc) -> str:
-    """Where the figures a publish carried (could not recompute) were published, or ''."""
+    """Where the figures a publish carried (could not recompute) were published (date,
+    host, commit), or '' when it carried none."""
     carried = doc.get("carried") or {}
     if not (carried.get("rows") or carried.get("comparisons")):
         return ""
@@ -147,7 +148,7 @@ def _carried(doc: Doc) -> str:
         f"{date_of(o)[:10]} on {host_of(o)} (commit {o.get('commit')})"
         for o in carried.get("from", [])
     )
-    return f"Carried figures as published {origins}"
+    return origins
 
 
 def render_quality_squad(doc: Doc) -> str:
@@ -247,7 +248,8 @@ def render_quality_squad(doc: Doc) -> str:
             "\nShown as an earlier publish gave them, not recomputed here (their runs predate "
             "the stored per-question scores): rows "
             f"{', '.join(carried.get('rows') or []) or 'none'}; comparisons "
-            f"{', '.join(carried.get('comparisons') or []) or 'none'}. {_carried(doc)}.\n"
+            f"{', '.join(carried.get('comparisons') or []) or 'none'}. Published "
+            f"{_carried(doc)}.\n"
         )
     return "".join(out)
 
@@ -882,7 +884,7 @@ def headline(results: Path = RESULTS) -> str:
     measured = "Measured" if not _carried(doc) else "New figures measured"
     caption += (
         f". {measured} on {host_of(doc)}, {date_of(doc)[:10]}, with `{doc.get('command')}`"
-        + (f"; {_carried(doc)[0].lower()}{_carried(doc)[1:]}" if _carried(doc) else "")
+        + (f"; carried figures as published {_carried(doc)}" if _carried(doc) else "")
         + "; all figures and their provenance: [docs/benchmarks.md](docs/benchmarks.md)."
     )
     return table(header, rows) + f"\n{caption}\n"

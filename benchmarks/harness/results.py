@@ -12,7 +12,7 @@ from .paths import RESULTS
 from .provenance import provenance
 
 
-def write_json(path: Path, obj: Any, indent: int = 2) -> Path:
+def write_json(path: Path, obj: Any, indent: int | None = 2) -> Path:
     """``obj`` as JSON at ``path``, through a temporary file renamed over it (one per
     process: two benchmark rows run side by side publish the same file)."""
     path = Path(path)

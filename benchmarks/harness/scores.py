@@ -73,7 +73,7 @@ def write_scores(
             "per_question": {k: encode(list(v)) for k, v in per_question.items()},
             **{k: meta[k] for k in META_KEYS if k in meta},
         },
-        indent=1,
+        indent=None,  # one line: a row is written once, and a list per line is 5,000 lines
     )
 
 
