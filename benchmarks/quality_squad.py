@@ -859,14 +859,23 @@ def main() -> None:
         ap.error(f"unknown rows {sorted(unknown)}; known: {sorted(known)}")
     peak = {"fp32": matmul_peak("fp32"), "bf16": matmul_peak("bf16")}
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    # the publish before this process writes any: what it carries comes from there, not
+    # from this process's own earlier writes
+    result = (args.out or RESULTS) / "quality_squad.json"
+    previous = json.loads(result.read_text()) if result.exists() and not args.fresh else None
+    wanted = [
+        r for r in rows if (args.only is None or r.name in args.only) and not args.summary_only
+    ]
     done: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        wanted = (args.only is None or row.name in args.only) and not args.summary_only
-        known = run_row(row) if wanted else load_row(row)
+    for row in rows:  # what is known already, then each wanted row, published as it ends
+        known = load_row(row) if row not in wanted else None
         if known is not None:
             done[row.name] = known
-        if done:
-            publish(done, rows, args, peak)
+    for row in wanted:
+        done[row.name] = run_row(row)
+        publish(done, rows, args, peak, previous)
+    if not wanted and done:
+        publish(done, rows, args, peak, previous)
 
 
 def publish(
@@ -874,8 +883,10 @@ def publish(
     rows: list[Row],
     args: argparse.Namespace,
     peak: dict[str, float],
+    previous: dict[str, Any] | None,
 ) -> None:
     ev = {"samples": 2000, "confidence": 0.95, "seed": 0}
+    done = {r.name: done[r.name] for r in rows if r.name in done}  # in the rows' order
     groups: dict[str, list[str]] = {}
     labels = {}
     for r in rows:
@@ -905,8 +916,6 @@ def publish(
 
     commands = row_commands(done)
     comps = comparisons(done, args)
-    result = (args.out or RESULTS) / "quality_squad.json"
-    previous = json.loads(result.read_text()) if result.exists() and not args.fresh else None
     carried = carry_published(previous, summary_rows, comps, thr)
     comps.sort(key=comparison_rank)
     path = write_result(
@@ -977,7 +986,7 @@ def carry_published(
         if name in (previous.get("throughput") or {}) and name not in thr:
             thr[name] = previous["throughput"][name]
     fresh = {c["name"] for c in comps}
-    for c in previous.get("comparisons") or []:
+    for c in sorted(previous.get("comparisons") or [], key=comparison_rank):
         if c["name"] not in fresh:
             comps.append(c)
             record["comparisons"].append(c["name"])

@@ -138,17 +138,16 @@ def _sci(x: Any) -> str:
     return f"{x:.3g}" if isinstance(x, float) else num(x)
 
 
-def _carried(doc: Doc) -> str:
+def _carried(doc: Doc, commits: bool = True) -> str:
     """Where the figures a publish carried (could not recompute) were published (date,
-    host, commit), or '' when it carried none."""
+    host and, outside the README, commit), or '' when it carried none."""
     carried = doc.get("carried") or {}
     if not (carried.get("rows") or carried.get("comparisons")):
         return ""
-    origins = "; ".join(
-        f"{date_of(o)[:10]} on {host_of(o)} (commit {o.get('commit')})"
+    return "; ".join(
+        f"{date_of(o)[:10]} on {host_of(o)}" + (f" (commit {o.get('commit')})" if commits else "")
         for o in carried.get("from", [])
     )
-    return origins
 
 
 def render_quality_squad(doc: Doc) -> str:
@@ -884,7 +883,11 @@ def headline(results: Path = RESULTS) -> str:
     measured = "Measured" if not _carried(doc) else "New figures measured"
     caption += (
         f". {measured} on {host_of(doc)}, {date_of(doc)[:10]}, with `{doc.get('command')}`"
-        + (f"; carried figures as published {_carried(doc)}" if _carried(doc) else "")
+        + (
+            f"; carried figures as published {_carried(doc, commits=False)}"
+            if _carried(doc)
+            else ""
+        )
         + "; all figures and their provenance: [docs/benchmarks.md](docs/benchmarks.md)."
     )
     return table(header, rows) + f"\n{caption}\n"
