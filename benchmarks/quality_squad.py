@@ -853,10 +853,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = all_rows(args)
-    known = {r.name for r in rows}
-    unknown = set(args.only or []) - known
+    names = {r.name for r in rows}
+    unknown = set(args.only or []) - names
     if unknown:
-        ap.error(f"unknown rows {sorted(unknown)}; known: {sorted(known)}")
+        ap.error(f"unknown rows {sorted(unknown)}; known: {sorted(names)}")
     peak = {"fp32": matmul_peak("fp32"), "bf16": matmul_peak("bf16")}
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     # the publish before this process writes any: what it carries comes from there, not
