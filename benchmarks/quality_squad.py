@@ -392,11 +392,11 @@ def row_fingerprint(row: Row) -> str:
     return _fingerprint(row, _config(row) if row.kind != "federated" else _fed_config_of(row))
 
 
-def load_row(row: Row) -> dict[str, Any] | None:
+def load_row(row: Row, fingerprint: str | None = None) -> dict[str, Any] | None:
     """A row's results without running it: its run directory, else its stored scores
-    (``SCORES``), when either was made with the row's current config; ``command`` is the
-    command that ran it."""
-    run_dir, fingerprint = RUNS / row.name, row_fingerprint(row)
+    (``SCORES``), when either was made with the row's current config (``fingerprint``,
+    computed when not given); ``command`` is the command that ran it."""
+    run_dir, fingerprint = RUNS / row.name, fingerprint or row_fingerprint(row)
     if _reusable(run_dir, fingerprint):
         res = json.loads((run_dir / "results.json").read_text())
         res["command"] = json.loads((run_dir / "row.json").read_text()).get("command", "")
@@ -420,7 +420,7 @@ def run_row(row: Row) -> dict[str, Any]:
     cfg = _config(row) if row.kind != "federated" else _fed_config_of(row)
     run_dir = RUNS / row.name
     fingerprint = _fingerprint(row, cfg)
-    known = load_row(row)
+    known = load_row(row, fingerprint)
     if known is not None:
         print(f"[{row.name}] reusing its results (config unchanged)", flush=True)
         return known

@@ -241,14 +241,15 @@ def render_quality_squad(doc: Doc) -> str:
         )
     if doc.get("missing_rows"):
         out.append(f"\nNot run (yet): {', '.join(doc['missing_rows'])}.\n")
-    if _carried(doc):
+    origins = _carried(doc)
+    if origins:
         carried = doc["carried"]
         out.append(
             "\nShown as an earlier publish gave them, not recomputed here (their runs predate "
             "the stored per-question scores): rows "
             f"{', '.join(carried.get('rows') or []) or 'none'}; comparisons "
             f"{', '.join(carried.get('comparisons') or []) or 'none'}. Published "
-            f"{_carried(doc)}.\n"
+            f"{origins}.\n"
         )
     return "".join(out)
 
@@ -880,14 +881,11 @@ def headline(results: Path = RESULTS) -> str:
         doc = json.loads((results / "quality_pubmedqa.json").read_text())
         rows, caption = _pubmedqa_headline(doc)
         header = ["figure", "measured", "target", "met"]
-    measured = "Measured" if not _carried(doc) else "New figures measured"
+    carried = _carried(doc, commits=False)
+    measured = "New figures measured" if carried else "Measured"
     caption += (
         f". {measured} on {host_of(doc)}, {date_of(doc)[:10]}, with `{doc.get('command')}`"
-        + (
-            f"; carried figures as published {_carried(doc, commits=False)}"
-            if _carried(doc)
-            else ""
-        )
+        + (f"; carried figures as published {carried}" if carried else "")
         + "; all figures and their provenance: [docs/benchmarks.md](docs/benchmarks.md)."
     )
     return table(header, rows) + f"\n{caption}\n"
