@@ -403,7 +403,16 @@ def _federated(row: Row, cfg: Any, run_dir: Path) -> dict[str, Any]:
         print(f"[{row.name}] resuming from {run_dir / 'checkpoint'}", flush=True)
     res = run_federated(cfg, run_dir, num_cpus=1, resume=resume)
     res.pop("final_arrays", None)
+    res["eval_ids"] = _eval_ids(cfg)
     return res
+
+
+def _eval_ids(cfg: Any) -> list[str]:
+    """The held-out questions' ids in the order evaluation scores them: a federated run's
+    results do not list them (its server evaluates the same ``eval_examples``)."""
+    from fedrag_ray.data import eval_examples, load_dataset_from_config
+
+    return [e.id for e in eval_examples(cfg, load_dataset_from_config(cfg.data))]
 
 
 RUNNERS: dict[str, Callable[[Row, Any, Path], dict[str, Any]]] = {
@@ -426,6 +435,8 @@ def load_row(row: Row, fingerprint: str | None = None) -> dict[str, Any] | None:
     if _reusable(run_dir, fingerprint):
         res = json.loads((run_dir / "results.json").read_text())
         res["command"] = json.loads((run_dir / "row.json").read_text()).get("command", "")
+        if "eval_ids" not in res:  # a federated run from before _federated listed them
+            res["eval_ids"] = _eval_ids(_fed_config_of(row))
         store_scores(row.name, fingerprint, res)  # a run from before SCORES existed
         return res
     return read_scores(SCORES, row.name, fingerprint)
