@@ -163,3 +163,28 @@ def test_a_publish_keeps_what_it_cannot_recompute_marked_as_carried(quality_squa
         {**previous, "commit": "def5678", "carried": record}, {}, [], {}
     )
     assert again["from"] == record["from"] + [{**record["from"][0], "commit": "def5678"}]
+
+
+def test_a_federated_run_without_question_ids_stores_the_ones_its_server_scored(
+    quality_squad, tmp_path, monkeypatch
+):
+    """A federated results.json lists no question ids (its server evaluates
+    ``eval_examples``); its scores are stored under the ids the centralized rows evaluate,
+    so the two pair question by question."""
+    monkeypatch.setattr(quality_squad, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(quality_squad, "SCORES", tmp_path / "scores")
+    fed, central = _row(quality_squad, "fedmom_half_s0"), _row(quality_squad, "central_eq_s0")
+    ids = quality_squad._eval_ids(quality_squad._config(central))
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    em = [float(i % 4 == 0) for i in range(1000)]
+    run_dir = tmp_path / "runs" / fed.name
+    run_dir.mkdir(parents=True)
+    history = [{"round": 40, "per_question": {"exact_match": em}}]
+    (run_dir / "results.json").write_text(json.dumps({"history": history}))
+    fingerprint = quality_squad.row_fingerprint(fed)
+    meta = {"fingerprint": fingerprint, "command": "python benchmarks/quality_squad.py"}
+    (run_dir / "row.json").write_text(json.dumps(meta))
+    assert quality_squad.load_row(fed)["eval_ids"] == ids
+    stored = quality_squad.read_scores(tmp_path / "scores", fed.name, fingerprint)
+    assert stored["eval_ids"] == ids
+    assert stored["per_question_after"]["exact_match"] == em
