@@ -27,7 +27,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-MAX_HEADLINE_ROWS = 16
+MAX_HEADLINE_ROWS = 20  # room for every comparison with a target (17 now) and a few without
 
 Doc = dict[str, Any]
 
