@@ -119,6 +119,20 @@ def fed_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def momentum_overrides(fed: dict[str, Any], rounds: int, local_steps: int) -> dict[str, Any]:
+    """FedAvgM as its paper runs it (server lr 1, momentum 0.9) over ``rounds`` rounds of
+    ``local_steps`` steps, evaluated once at the end."""
+    return {
+        **fed,
+        "federation.rounds": rounds,
+        "federation.local_steps": local_steps,
+        "federation.eval_every": rounds,
+        "federation.strategy.name": "fedavgm",
+        "federation.strategy.server_lr": 1.0,
+        "federation.strategy.server_momentum": 0.9,
+    }
+
+
 def all_rows(args: argparse.Namespace) -> list[Row]:
     """In priority order: the headline rows first."""
     base = base_overrides(args)
@@ -255,16 +269,7 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
                 f"FedAvgM, momentum 0.9, {rounds} rounds x {per_round} step"
                 + "s" * (per_round > 1),
                 "federated",
-                {
-                    **fed,
-                    "seed": s,
-                    "federation.rounds": rounds,
-                    "federation.local_steps": per_round,
-                    "federation.eval_every": rounds,
-                    "federation.strategy.name": "fedavgm",
-                    "federation.strategy.server_lr": 1.0,
-                    "federation.strategy.server_momentum": 0.9,
-                },
+                {**momentum_overrides(fed, rounds, per_round), "seed": s},
                 config="squad_federated",
             )
             for s in seeds
@@ -279,15 +284,9 @@ def all_rows(args: argparse.Namespace) -> list[Row]:
             f"FedAvgM, momentum 0.9, {rounds} rounds x 1 step, 4 of 8 clients",
             "federated",
             {
-                **fed,
+                **momentum_overrides(fed, rounds, 1),
                 "seed": s,
-                "federation.rounds": rounds,
-                "federation.local_steps": 1,
                 "federation.clients_per_round": 4,
-                "federation.eval_every": rounds,
-                "federation.strategy.name": "fedavgm",
-                "federation.strategy.server_lr": 1.0,
-                "federation.strategy.server_momentum": 0.9,
             },
             config="squad_federated",
         )
